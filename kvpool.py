@@ -1386,8 +1386,8 @@ class KVCacheManager:
             m._evictions = {r: meta["evictions"][r] for r in REASONS}
             m._hits, m._misses = meta["hits"], meta["misses"]
             m.check_invariants()
-        except (KeyError, TypeError, AttributeError, AssertionError,
-                OverflowError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError,
+                AssertionError, OverflowError) as exc:
             raise ValueError(f"inconsistent snapshot: {exc}") from None
         return m
 
