@@ -127,7 +127,7 @@ class MemoryPool:
     ``release``, ``release_n`` (status codes) and ``deallocate``,
     ``deallocate_n`` (raise ``ValueError``).
     Chain API (what entries use): ``alloc_chain``, ``alloc_chains``,
-    ``free_chain``, ``free_chain_ids``, ``free_chains``, ``resize_chain``,
+    ``free_chain``, ``free_chains``, ``resize_chain``,
     ``chain_blocks``, ``read_chain``, ``write_chain``.
     Counters: ``free_blocks``, ``used_blocks``, ``never_used_blocks``,
     ``total_blocks``, ``capacity``, ``peak_used``.
@@ -223,12 +223,12 @@ class MemoryPool:
         """Zero the bytes of blocks ``ids`` from byte ``start`` of the run on."""
         arena = self.arena
         bs = self.block_size
-        for i in range(start // bs, ids.shape[0]):
-            lo = ids[i] * bs
-            if i == start // bs:
-                lo += start % bs
-            for j in range(lo, (ids[i] + 1) * bs):
-                arena[j] = 0
+        first = start // bs
+        for i in range(first, ids.shape[0]):
+            lo = ids[i] * bs + (start % bs if i == first else 0)
+            span = arena[lo:(ids[i] + 1) * bs]   # a view: the loop vectorizes
+            for j in range(span.shape[0]):
+                span[j] = 0
 
     # block API ----------------------------------------------------------------
 
@@ -381,12 +381,14 @@ class MemoryPool:
 
     def alloc_chain(self, n, zero):
         """One chain of ``n`` blocks; its head, or ``NO_BLOCK``."""
-        counts = np.empty(1, np.int64)
-        counts[0] = n
-        heads = self.alloc_chains(counts, zero)
-        if heads.shape[0] == 0:
+        if n < 1 or n > self.free_blocks:
             return NO_BLOCK
-        return heads[0]
+        ids = np.empty(n, np.int64)
+        self._take(ids)
+        self._link_run(ids, HEAD)
+        if zero:
+            self._zero(ids, 0)
+        return ids[0]
 
     def free_chains(self, heads, counts):
         """Free the chains at ``heads`` (``counts[k]`` blocks each) to the ring
@@ -418,18 +420,13 @@ class MemoryPool:
         self._put(ids)
         return ids
 
-    def free_chain_ids(self, head, n):
-        """Free one chain; its ids, or an empty array (freeing nothing)."""
-        heads = np.empty(1, np.int64)
-        heads[0] = head
-        counts = np.empty(1, np.int64)
-        counts[0] = n
-        return self.free_chains(heads, counts)
-
     def free_chain(self, head, n):
-        """Free one chain of ``n`` blocks; ``OK`` or ``ERR_BAD_CHAIN``."""
-        if self.free_chain_ids(head, n).shape[0] == 0:
+        """Free one chain of ``n`` blocks to the ring tail, in chain order;
+        ``OK``, or ``ERR_BAD_CHAIN`` (freeing nothing)."""
+        ids = self._chain(head, n)
+        if ids.shape[0] == 0:
             return ERR_BAD_CHAIN
+        self._put(ids)
         return OK
 
     def resize_chain(self, head, n_old, n_new, zero_from, zero):
@@ -476,12 +473,14 @@ class MemoryPool:
             within = pos % bs
             chunk = min(bs - within, size - done)
             base = ids[pos // bs] * bs + within
+            block = arena[base:base + chunk]     # views: the loops vectorize
+            part = buf[done:done + chunk]
             if into_arena:
                 for j in range(chunk):
-                    arena[base + j] = buf[done + j]
+                    block[j] = part[j]
             else:
                 for j in range(chunk):
-                    buf[done + j] = arena[base + j]
+                    part[j] = block[j]
             done += chunk
             pos += chunk
         return OK
@@ -533,10 +532,16 @@ class CacheKey:
 
 
 class KVPoolEntry:
-    """A live cache entry: ``key``, ``size`` in bytes, its first ``block``,
+    """A cache entry: ``key``, ``size`` in bytes, its first ``block``,
     ``n_blocks``, ``pinned``, and ``blocks`` (all ids, in order; a read-only
     array built on first use). Treat it as read-only: the manager updates it
-    on resize and pin, and freezes it when the entry is removed."""
+    on resize and pin, and freezes it when the entry is removed.
+
+    A removed entry keeps ``key``, ``size``, ``block`` and ``n_blocks``; its
+    ``blocks`` stay readable if they were read while it was live (or it had
+    one block). Otherwise they are gone with the entry (recording them on
+    every removal would cost an array per call): ``ValueError``. Eviction
+    reports always carry them."""
 
     __slots__ = ("key", "size", "block", "n_blocks", "pinned", "_blocks", "_pool")
 
@@ -552,6 +557,10 @@ class KVPoolEntry:
     @property
     def blocks(self):
         if self._blocks is None:
+            if self._pool is None and self.n_blocks > 1:
+                raise ValueError(f"entry {self.key!r} was removed before its "
+                                 "blocks were read; its eviction report "
+                                 "carries them")
             if self.n_blocks == 1:
                 ids = np.array([self.block], np.int64)
             else:
@@ -559,13 +568,6 @@ class KVPoolEntry:
             ids.flags.writeable = False
             self._blocks = ids
         return self._blocks
-
-    def _detach(self, ids):
-        """Freeze as removed, keeping ``ids`` (if given) as its blocks."""
-        if ids is not None and self._blocks is None:
-            ids.flags.writeable = False
-            self._blocks = ids
-        self._pool = None
 
     def __eq__(self, other):
         if not isinstance(other, KVPoolEntry):
@@ -795,7 +797,6 @@ class KVCacheManager:
         self._listeners = [] if on_evict is None else [on_evict]
         self._alloc_chain = _compiled("alloc_chain")
         self._free_chain = _compiled("free_chain")
-        self._free_chain_ids = _compiled("free_chain_ids")
         self._reset_counters()
         self._active_entries = 0
         self._used_memory = 0
@@ -852,7 +853,10 @@ class KVCacheManager:
         Runtime complexity: O(blocks).
         """
         with self._lock:
-            n, size = self._blocks_for(size)
+            if type(size) is int and 0 < size <= self._capacity:
+                n = -(-size // self._block_size)            # the common case
+            else:
+                n, size = self._blocks_for(size)
             self._check_new_key(key)
             head = self._alloc_chain(self.pool, n, self._zero)
             reports = None
@@ -868,9 +872,9 @@ class KVCacheManager:
             assert self._active_entries == len(self._cache), (
                 f"active_entries={self._active_entries} != "
                 f"len(cache)={len(self._cache)}")
-            if reports:
-                self._deliver(reports)
-            return entry
+        if reports:
+            self._deliver(reports)
+        return entry
 
     def allocate_entries(self, keys, sizes):
         """Many new entries at once, in order, all-or-nothing; one compiled
@@ -915,9 +919,9 @@ class KVCacheManager:
             assert self._active_entries == len(self._cache), (
                 f"active_entries={self._active_entries} != "
                 f"len(cache)={len(self._cache)}")
-            if reports:
-                self._deliver(reports)
-            return entries
+        if reports:
+            self._deliver(reports)
+        return entries
 
     def resize_entry(self, key, new_size):
         """Change an entry's size in place, as a decoding sequence grows.
@@ -948,9 +952,9 @@ class KVCacheManager:
                 entry.n_blocks = n_new
                 entry._blocks = None
             self._cache.move_to_end(key)
-            if reports:
-                self._deliver(reports)
-            return entry
+        if reports:
+            self._deliver(reports)
+        return entry
 
     # removing ----------------------------------------------------------------
 
@@ -965,10 +969,10 @@ class KVCacheManager:
                 raise TypeError(f"key {key!r} is not hashable") from None
             if entry is None:
                 return None
-            reports = self._release([entry], "manual")
-            if reports:
-                self._deliver(reports)
-            return entry
+            reports = self._release((entry,), "manual")
+        if reports:
+            self._deliver(reports)
+        return entry
 
     def remove_cache_entries(self, keys):
         """Remove many entries in one compiled call; a list of the removed
@@ -988,16 +992,16 @@ class KVCacheManager:
                     chosen[key] = entry
                 result.append(entry)
             reports = self._release(list(chosen.values()), "manual")
-            if reports:
-                self._deliver(reports)
-            return result
+        if reports:
+            self._deliver(reports)
+        return result
 
     def clear(self):
         """Remove every entry, pinned ones too (reason ``"clear"``)."""
         with self._lock:
             reports = self._release(list(self._cache.values()), "clear")
-            if reports:
-                self._deliver(reports)
+        if reports:
+            self._deliver(reports)
 
     def _make_room(self, need, keep):
         """The one eviction hook: free least recently used unpinned entries
@@ -1018,54 +1022,56 @@ class KVCacheManager:
 
     def _release(self, entries, reason):
         """The one removal path: free the entries' blocks in one compiled call,
-        forget them, count them; the reports, if anyone listens."""
-        if not entries:
-            return None
+        then forget them; the reports, if anyone listens."""
         pool = self.pool
-        listening = bool(self._listeners)
-        if len(entries) == 1:
-            entry = entries[0]
-            if entry.n_blocks == 1 or entry._blocks is not None:
-                ids = None
+        if not self._listeners:
+            if len(entries) == 1:               # the common case: no arrays
+                entry = entries[0]
                 status = self._free_chain(pool, entry.block, entry.n_blocks)
-            else:
-                ids = self._free_chain_ids(pool, entry.block, entry.n_blocks)
-                status = OK if ids.shape[0] else ERR_BAD_CHAIN
-            assert status == OK, f"entry {entry!r} has no valid chain"
-            runs = [ids]
-        else:
-            heads = np.fromiter((e.block for e in entries), np.int64, len(entries))
-            counts = np.fromiter((e.n_blocks for e in entries), np.int64,
-                                 len(entries))
-            ids = _compiled("free_chains")(pool, heads, counts)
-            assert ids.shape[0] == counts.sum(), "an entry has no valid chain"
-            runs = np.split(ids, np.cumsum(counts)[:-1])
-        reports = [] if listening else None
-        if listening:               # as if removed one by one, in order
-            used = pool.used_blocks + sum(e.n_blocks for e in entries)
-            now = time.monotonic()
-        for entry, run in zip(entries, runs):
-            if listening:
-                before = self._snapshot(used)
-                used -= entry.n_blocks
-            del self._cache[entry.key]
-            self._active_entries -= 1
-            self._used_memory -= entry.size
-            self._evictions[reason] += 1
-            if entry.pinned:
-                self._pinned_entries -= 1
-                if reason == "lru":
-                    self._pinned_lru_evictions += 1
-            entry._detach(run)
-            if listening:
-                reports.append(EvictionReport(
-                    entry.key, reason, entry.size, tuple(entry.blocks.tolist()),
-                    entry.n_blocks, entry.n_blocks * self._block_size,
-                    before, self._snapshot(used), now))
-        assert self._active_entries == len(self._cache) >= 0, (
+                assert status == OK, f"entry {entry!r} has no valid chain"
+                self._forget(entry, reason, None)
+                return None
+            if not entries:
+                return None
+        heads = np.array([e.block for e in entries], np.int64)
+        counts = np.array([e.n_blocks for e in entries], np.int64)
+        ids = _compiled("free_chains")(pool, heads, counts)
+        assert ids.shape[0] == counts.sum(), "an entry has no valid chain"
+        if not self._listeners:
+            for entry in entries:
+                self._forget(entry, reason, None)
+            return None
+        reports = []
+        used = pool.used_blocks + len(ids)      # as if removed one by one
+        now = time.monotonic()
+        for entry, run in zip(entries, np.split(ids, np.cumsum(counts)[:-1])):
+            before = self._snapshot(used)
+            used -= entry.n_blocks
+            self._forget(entry, reason, run)
+            reports.append(EvictionReport(
+                entry.key, reason, entry.size, tuple(run.tolist()),
+                entry.n_blocks, entry.n_blocks * self._block_size,
+                before, self._snapshot(used), now))
+        return reports
+
+    def _forget(self, entry, reason, ids):
+        """Drop a freed entry from the cache and the counters; freeze it,
+        keeping ``ids`` as its blocks when given."""
+        del self._cache[entry.key]
+        self._active_entries -= 1
+        self._used_memory -= entry.size
+        self._evictions[reason] += 1
+        if entry.pinned:
+            self._pinned_entries -= 1
+            if reason == "lru":
+                self._pinned_lru_evictions += 1
+        if ids is not None and entry._blocks is None:
+            ids.flags.writeable = False
+            entry._blocks = ids
+        entry._pool = None
+        assert self._active_entries == len(self._cache), (
             f"active_entries={self._active_entries} != "
             f"len(cache)={len(self._cache)}")
-        return reports
 
     # listeners -----------------------------------------------------------------
 

@@ -238,12 +238,17 @@ def test_entry_blocks_follow_pool_order_and_are_read_only():
     m.check_invariants()
 
 
-def test_removed_multi_block_entry_keeps_its_ids_without_prior_use():
+def test_removed_entry_blocks_only_if_read_while_live():
     m = KVCacheManager(16 * 64)
     e = m.allocate_entry("a", 64 * 5)
+    one = m.allocate_entry("b", 64)
     m.remove_cache_entry("a")              # blocks never read while live
-    m.allocate_entry("b", 64 * 5)
-    assert e.blocks.tolist() == [0, 1, 2, 3, 4]
+    m.remove_cache_entry("b")
+    m.allocate_entry("c", 64 * 5)
+    assert (e.block, e.n_blocks, e.size, e.key) == (0, 5, 320, "a")
+    with pytest.raises(ValueError, match="'a' was removed before its blocks were read"):
+        e.blocks
+    assert one.blocks.tolist() == [5]      # one block: known from .block
 
 
 def test_stats_fields_and_fragmentation():
@@ -471,7 +476,8 @@ def test_random_operations_match_the_model(eviction):
         elif op < 0.7:
             got = m.remove_cache_entry(key)
             if key in model.entries:
-                assert got.blocks.tolist() == model.entries[key][1]
+                assert (got.block, got.n_blocks) == (model.entries[key][1][0],
+                                                     len(model.entries[key][1]))
                 model.remove(key)
             else:
                 assert got is None

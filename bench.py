@@ -1,0 +1,1158 @@
+"""bench.py: kvpool against idiomatic pure-Python peers with the same semantics.
+
+    python bench.py                  default run (a minute or two)
+    python bench.py --quick          small sizes and repeats (CI)
+    python bench.py --json PATH      also write a receipt (environment, args, figures)
+    python bench.py --plot PATH      serving-trace utilization and the ratios, as a PNG
+
+Every timed case runs a warm-up (excluded; it also compiles), then R repeats,
+each on a fresh state built outside the timer, with the garbage collector off.
+A row shows the median and the [min-max] spread over the repeats, and
+
+    ratio = peer_time / kvpool_time (medians): >1 means kvpool is faster.
+
+The peers live here, beside the cases: ``RefManager`` (dict / OrderedDict of
+entries holding Python lists of block ids, a deque free list with FIFO reuse
+and a bump counter, the same checks and counters as ``KVCacheManager``) and
+``VllmFreeQueue`` (a vLLM-style doubly linked free block queue). A short
+equivalence check at start-up runs one random operation stream through both
+managers and compares every block id and counter, so a ratio always compares
+the same work.
+
+Under NUMBA_DISABLE_JIT=1 the loop counts are divided by 50 (kvpool then runs
+as plain Python and the figures describe that fallback, not the compiled pool).
+The exit status is 1 only if a case raised; a MISS in the target table is a
+measured result, not a failure.
+"""
+
+import argparse
+import collections
+import gc
+import hashlib
+import json
+import operator
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numba
+import numpy as np
+
+import kvpool
+from kvpool import OK, KVCacheManager, MemoryPool, PoolExhaustedError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+JIT_DISABLED = bool(numba.config.DISABLE_JIT)
+PLOT_HINT = 'matplotlib is not installed: pip install "kvpool[plot]" (or pip install matplotlib)'
+
+RESULTS = []          # every printed row, for the receipt, the plot and the targets
+SERIES = {}           # serving-trace utilization / fragmentation per step, for the plot
+
+
+# -- measuring -----------------------------------------------------------------
+
+class Config:
+    """Sizes and repeats of one run (the receipt records them)."""
+
+    def __init__(self, quick):
+        self.quick = quick
+        self.repeats = 3 if quick else 7          # timed repeats per case
+        self.sub_repeats = 1 if quick else 3      # fresh subprocesses per figure (case 8)
+        self.io_repeats = 1 if quick else 3       # save/load repeats (case 11)
+        q = quick
+        self.roundtrips = {1: 2000 if q else 20000, 16: 1000 if q else 10000,
+                           256: 200 if q else 2000}
+        self.batch_entries = 1000
+        self.batch_rounds = 3 if q else 20
+        self.block_batch = 16384
+        self.block_rounds = 3 if q else 10
+        self.pairs = 200_000 if q else 2_000_000
+        self.data_sizes = [4 << 10, 64 << 10, 1 << 20]
+        self.data_bytes = (2 << 20) if q else (16 << 20)   # bytes moved per repeat
+        self.churn_keys = 4096
+        self.churn_steps = 10_000 if q else 60_000
+        self.serve_steps = 250 if q else 1000
+        self.save_arena = (32 << 20) if q else (256 << 20)
+        if JIT_DISABLED:
+            self.scale_down(50)
+
+    def scale_down(self, k):
+        self.roundtrips = {n: max(1, c // k) for n, c in self.roundtrips.items()}
+        self.batch_rounds = 1
+        self.block_rounds = 1
+        self.pairs = max(1, self.pairs // k)
+        self.data_bytes = max(1, self.data_bytes // k)
+        self.churn_steps = max(1, self.churn_steps // k)
+        self.serve_steps = max(1, self.serve_steps // 5)
+        self.save_arena = 8 << 20
+
+    def to_dict(self):
+        return {k: v for k, v in vars(self).items()}
+
+
+class Sample:
+    """Per-operation nanoseconds of R repeats: median, min, max."""
+
+    def __init__(self, per_op_ns):
+        self.values = list(per_op_ns)
+        self.median = statistics.median(self.values)
+        self.min = min(self.values)
+        self.max = max(self.values)
+
+    def to_dict(self):
+        return {"median_ns": self.median, "min_ns": self.min, "max_ns": self.max,
+                "samples_ns": self.values}
+
+
+def timed(unit, ops, repeats, setup=None, warmup=1):
+    """Time ``unit(state)`` (``state = setup()``, built outside the timer for
+    every run) ``warmup`` times untimed, then ``repeats`` times; a ``Sample``
+    of nanoseconds per operation (``ops`` operations per run)."""
+    per_op = []
+    for i in range(warmup + repeats):
+        state = setup() if setup is not None else None
+        gc.collect()
+        gc.disable()
+        try:
+            t0 = time.perf_counter_ns()
+            unit(state)
+            t1 = time.perf_counter_ns()
+        finally:
+            gc.enable()
+        if i >= warmup:
+            per_op.append((t1 - t0) / ops)
+    return Sample(per_op)
+
+
+def fmt(value, unit):
+    if value is None:
+        return "-"
+    if unit in ("ns/op", "ns/entry", "ns/block", "ns/pair"):
+        return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+    if unit == "MB/s":
+        return f"{value:,.0f}"
+    if unit == "s":
+        return f"{value:.3f}"
+    if unit in ("MiB", "bytes/block", "%"):
+        return f"{value:,.1f}"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def shown(sample, unit, nbytes=None):
+    """(median, low, high) of a Sample in display units."""
+    if sample is None:
+        return None
+    if unit == "MB/s":           # bytes per op / ns per op: the fastest run is the max
+        conv = lambda ns: nbytes / ns * 1e3
+        return conv(sample.median), conv(sample.max), conv(sample.min)
+    if unit == "s":
+        return sample.median / 1e9, sample.min / 1e9, sample.max / 1e9
+    return sample.median, sample.min, sample.max
+
+
+def cell(sample, unit, nbytes=None):
+    v = shown(sample, unit, nbytes)
+    if v is None:
+        return "-"
+    med, lo, hi = v
+    if len(sample.values) == 1:
+        return fmt(med, unit)
+    return f"{fmt(med, unit)} [{fmt(lo, unit)}-{fmt(hi, unit)}]"
+
+
+HEADER = (f"{'case':<4} {'what':<44} {'unit':<9} {'kvpool: median [min-max]':>28}"
+          f"  {'peer: median [min-max]':>28}  {'ratio':>6}  peer")
+
+
+def row(case, what, unit, kv, peer=None, peer_name="", nbytes=None, note="", **extra):
+    """Print one finished row (flushed) and keep it for the receipt."""
+    ratio = peer.median / kv.median if (kv is not None and peer is not None) else None
+    line = (f"{case:<4} {what:<44} {unit:<9} {cell(kv, unit, nbytes):>28}"
+            f"  {cell(peer, unit, nbytes):>28}  {('%.2f' % ratio) if ratio else '-':>6}"
+            f"  {peer_name}")
+    if note:
+        line += f"  ({note})"
+    print(line, flush=True)
+    RESULTS.append({
+        "case": case, "what": what, "unit": unit, "peer_name": peer_name,
+        "kvpool": kv.to_dict() if kv else None,
+        "peer": peer.to_dict() if peer else None,
+        "kvpool_display": shown(kv, unit, nbytes), "peer_display": shown(peer, unit, nbytes),
+        "ratio": ratio, "bytes_per_op": nbytes, "note": note, **extra})
+    return ratio
+
+
+def info(case, what, unit, value, note="", **extra):
+    """A figure without a peer or a spread (counts, rates, bytes)."""
+    line = f"{case:<4} {what:<44} {unit:<9} {fmt(value, unit):>28}"
+    if note:
+        line += f"  {'':>28}  {'':>6}  ({note})"
+    print(line, flush=True)
+    RESULTS.append({"case": case, "what": what, "unit": unit, "value": value,
+                    "note": note, **extra})
+
+
+def value_of(case, what):
+    for r in RESULTS:
+        if r["case"] == case and r["what"] == what:
+            return r
+    return None
+
+
+# -- peer: a pure-Python reference of KVCacheManager ------------------------------
+
+class RefEntry:
+    __slots__ = ("key", "size", "blocks", "pinned")
+
+    def __init__(self, key, size, blocks):
+        self.key = key
+        self.size = size
+        self.blocks = blocks          # a Python list of block ids, in order
+        self.pinned = False
+
+
+class RefManager:
+    """KVCacheManager's allocate/resize/remove/get semantics in plain Python.
+
+    Block ids: the oldest freed id first (a deque, FIFO), then never-used ids
+    in increasing order (a bump counter). ``eviction="lru"`` keeps an
+    OrderedDict in recency order and frees least recently used unpinned entries
+    until a request fits (all-or-nothing, never the entry being resized).
+    """
+
+    def __init__(self, total_size, block_size=64, eviction="none"):
+        self.block_size = block_size
+        self.total_blocks = total_size // block_size
+        self.capacity = self.total_blocks * block_size
+        self.eviction = eviction
+        self._lru = eviction == "lru"
+        self._cache = collections.OrderedDict() if self._lru else {}
+        self.free = collections.deque()
+        self.bump = 0
+        self.allocations = 0
+        self.evictions = 0
+        self.lru_evictions = 0
+        self.active_entries = 0
+        self.used_memory = 0
+        self.peak_used = 0
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def used_blocks(self):
+        return self.bump - len(self.free)
+
+    @property
+    def free_blocks(self):
+        return self.total_blocks - self.used_blocks
+
+    def _blocks_for(self, size):
+        if type(size) is not int:
+            if isinstance(size, (bool, np.bool_)):
+                raise TypeError(f"size must be an integer, got the bool {size!r}")
+            size = operator.index(size)
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        if size > self.capacity:
+            raise ValueError(f"size {size} exceeds the pool's total capacity")
+        return -(-size // self.block_size), size
+
+    def _take(self, n):
+        free = self.free
+        k = min(n, len(free))
+        blocks = [free.popleft() for _ in range(k)]
+        if k < n:
+            blocks.extend(range(self.bump, self.bump + n - k))
+            self.bump += n - k
+        if self.used_blocks > self.peak_used:
+            self.peak_used = self.used_blocks
+        return blocks
+
+    def _make_room(self, need, keep):
+        free = self.free_blocks
+        victims = []
+        if self._lru:
+            for entry in self._cache.values():
+                if free >= need:
+                    break
+                if not entry.pinned and entry is not keep:
+                    victims.append(entry)
+                    free += len(entry.blocks)
+        if free < need:
+            raise PoolExhaustedError(need, self.free_blocks)
+        for entry in victims:
+            self._remove(entry)
+            self.lru_evictions += 1
+
+    def _remove(self, entry):
+        self.free.extend(entry.blocks)
+        del self._cache[entry.key]
+        self.active_entries -= 1
+        self.used_memory -= entry.size
+        self.evictions += 1
+
+    def allocate_entry(self, key, size):
+        n, size = self._blocks_for(size)
+        if key in self._cache:
+            raise KeyError(f"key {key!r} is already live")
+        if n > self.free_blocks:
+            self._make_room(n, None)
+        entry = RefEntry(key, size, self._take(n))
+        self._cache[key] = entry
+        self.allocations += 1
+        self.active_entries += 1
+        self.used_memory += size
+        return entry
+
+    def remove_cache_entry(self, key):
+        entry = self._cache.get(key)
+        if entry is not None:
+            self._remove(entry)
+        return entry
+
+    def resize_entry(self, key, new_size):
+        n_new, new_size = self._blocks_for(new_size)
+        entry = self._cache[key]
+        n_old = len(entry.blocks)
+        if n_new > n_old:
+            if n_new - n_old > self.free_blocks:
+                self._make_room(n_new - n_old, entry)
+            entry.blocks.extend(self._take(n_new - n_old))
+        elif n_new < n_old:
+            self.free.extend(entry.blocks[n_new:])
+            del entry.blocks[n_new:]
+        self.used_memory += new_size - entry.size
+        entry.size = new_size
+        if self._lru:
+            self._cache.move_to_end(key)
+        return entry
+
+    def get(self, key, default=None):
+        entry = self._cache.get(key)
+        if entry is None:
+            self.misses += 1
+            return default
+        self.hits += 1
+        if self._lru:
+            self._cache.move_to_end(key)
+        return entry
+
+    def __contains__(self, key):
+        return key in self._cache
+
+    def __len__(self):
+        return len(self._cache)
+
+
+# -- peer: a vLLM-style free block queue -----------------------------------------
+
+class Block:
+    __slots__ = ("block_id", "prev", "next")
+
+    def __init__(self, block_id):
+        self.block_id = block_id
+        self.prev = None
+        self.next = None
+
+
+class VllmFreeQueue:
+    """A doubly linked list of free ``Block`` objects between two sentinel
+    nodes, like vLLM's FreeKVCacheBlockQueue: take from the front, append at
+    the back."""
+
+    def __init__(self, blocks):
+        self.head = Block(-1)
+        self.tail = Block(-1)
+        self.num_free = 0
+        self.head.next = self.tail
+        self.tail.prev = self.head
+        self.append_n(blocks)
+
+    def popleft_n(self, n):
+        if n > self.num_free:
+            raise ValueError(f"need {n} blocks, {self.num_free} are free")
+        out = []
+        cur = self.head.next
+        for _ in range(n):
+            out.append(cur)
+            nxt = cur.next
+            cur.prev = cur.next = None
+            cur = nxt
+        self.head.next = cur
+        cur.prev = self.head
+        self.num_free -= n
+        return out
+
+    def append_n(self, blocks):
+        last = self.tail.prev
+        for b in blocks:
+            b.prev = last
+            last.next = b
+            last = b
+        last.next = self.tail
+        self.tail.prev = last
+        self.num_free += len(blocks)
+
+
+# -- the equivalence check ------------------------------------------------------------
+
+def check_peer_semantics(n_ops=3000, seed=7):
+    """One random stream through KVCacheManager and RefManager (LRU, a small
+    pool): the same block ids for every entry and the same counters."""
+    rng = np.random.default_rng(seed)
+    bs = 64
+    m = KVCacheManager(200 * bs, bs, eviction="lru")
+    r = RefManager(200 * bs, bs, eviction="lru")
+    for i in range(n_ops):
+        op = rng.integers(4)
+        key = int(rng.integers(60))
+        size = int(rng.integers(1, 20 * bs))
+        if op == 0 and key not in r:
+            a, b = m.allocate_entry(key, size), r.allocate_entry(key, size)
+            assert a.blocks.tolist() == b.blocks, (i, "allocate")
+        elif op == 1:
+            a, b = m.remove_cache_entry(key), r.remove_cache_entry(key)
+            assert (a is None) == (b is None), (i, "remove")
+        elif op == 2 and key in r:
+            a, b = m.resize_entry(key, size), r.resize_entry(key, size)
+            assert a.blocks.tolist() == b.blocks, (i, "resize")
+        else:
+            a, b = m.get(key), r.get(key)
+            assert (a is None) == (b is None), (i, "get")
+    s = m.stats
+    assert list(m) == list(r._cache), "LRU order"
+    assert (s.allocations, s.evictions, s.lru_evictions, s.active_entries,
+            s.used_memory, s.used_blocks, s.peak_used_blocks, s.hits, s.misses) == (
+        r.allocations, r.evictions, r.lru_evictions, r.active_entries,
+        r.used_memory, r.used_blocks, r.peak_used, r.hits, r.misses), "counters"
+    for key, e in m.cache.items():
+        assert e.blocks.tolist() == r._cache[key].blocks, key
+    m.check_invariants()
+    return n_ops, s.lru_evictions
+
+
+# -- case 1: one entry, allocate + remove ---------------------------------------------
+
+def roundtrips(m, key, size, n):
+    allocate, remove = m.allocate_entry, m.remove_cache_entry
+    for _ in range(n):
+        allocate(key, size)
+        remove(key)
+
+
+def case_roundtrip(cfg):
+    bs = 64
+    for blocks in (1, 16, 256):
+        n = cfg.roundtrips[blocks]
+        size = blocks * bs
+        kv = timed(lambda m: roundtrips(m, "seq", size, n), n, cfg.repeats,
+                   setup=lambda: KVCacheManager(1024 * bs, bs))
+        ref = timed(lambda m: roundtrips(m, "seq", size, n), n, cfg.repeats,
+                    setup=lambda: RefManager(1024 * bs, bs))
+        row("1", f"round trip, {blocks} block{'s' if blocks > 1 else ''}", "ns/op",
+            kv, ref, "RefManager", blocks=blocks)
+    # The same 256-block round trip without zeroing (RefManager has no bytes to zero).
+    n = cfg.roundtrips[256]
+    kv = timed(lambda m: roundtrips(m, "seq", 256 * bs, n), n, cfg.repeats,
+               setup=lambda: KVCacheManager(1024 * bs, bs, zero_on_alloc=False))
+    ref = timed(lambda m: roundtrips(m, "seq", 256 * bs, n), n, cfg.repeats,
+                setup=lambda: RefManager(1024 * bs, bs))
+    row("1", "round trip, 256 blocks, zero_on_alloc=False", "ns/op", kv, ref,
+        "RefManager", note="informational")
+
+
+# -- case 2: many one-block entries at once ------------------------------------------
+
+def batch_kvpool(m, keys, sizes, rounds):
+    for _ in range(rounds):
+        m.allocate_entries(keys, sizes)
+        m.remove_cache_entries(keys)
+
+
+def singles_loop(m, keys, sizes, rounds):
+    allocate, remove = m.allocate_entry, m.remove_cache_entry
+    for _ in range(rounds):
+        for key, size in zip(keys, sizes):
+            allocate(key, size)
+        for key in keys:
+            remove(key)
+
+
+def case_batch(cfg):
+    bs, n, rounds = 64, cfg.batch_entries, cfg.batch_rounds
+    keys = list(range(n))
+    sizes = [bs] * n
+    ops = n * rounds
+    fresh = lambda: KVCacheManager(2 * n * bs, bs)
+    batch = timed(lambda m: batch_kvpool(m, keys, sizes, rounds), ops, cfg.repeats, fresh)
+    ref = timed(lambda r: singles_loop(r, keys, sizes, rounds), ops, cfg.repeats,
+                lambda: RefManager(2 * n * bs, bs))
+    single = timed(lambda m: singles_loop(m, keys, sizes, rounds), ops, cfg.repeats, fresh)
+    row("2", f"batch of {n:,} x 1 block, vs reference", "ns/entry", batch, ref, "RefManager loop")
+    row("2", f"batch of {n:,} x 1 block, vs single calls", "ns/entry", batch, single,
+        "kvpool single calls")
+
+
+# -- case 3: block-level batches on the pool ----------------------------------------
+
+def pool_batches(pool, out, rounds):
+    for _ in range(rounds):
+        if pool.allocate_n(out) != out.shape[0] or pool.release_n(out) != OK:
+            raise RuntimeError("allocate_n/release_n failed")
+
+
+def vllm_batches(queue, n, rounds):
+    for _ in range(rounds):
+        queue.append_n(queue.popleft_n(n))
+
+
+def case_block_batch(cfg):
+    n, rounds = cfg.block_batch, cfg.block_rounds
+    out = np.empty(n, np.int64)
+    kv = timed(lambda p: pool_batches(p, out, rounds), n * rounds, cfg.repeats,
+               setup=lambda: MemoryPool(2 * n * 64, 64))
+    peer = timed(lambda q: vllm_batches(q, n, rounds), n * rounds, cfg.repeats,
+                 setup=lambda: VllmFreeQueue([Block(i) for i in range(2 * n)]))
+    row("3", f"allocate_n + release_n, {n:,} blocks", "ns/block", kv, peer, "VllmFreeQueue")
+
+
+# -- case 4: the pool from compiled code ---------------------------------------------
+
+@numba.njit
+def compiled_pairs(pool, n):
+    """n allocate() + release() pairs; the sum of the ids, or a negative code."""
+    total = 0
+    for _ in range(n):
+        b = pool.allocate()
+        if b < 0:
+            return -1
+        if pool.release(b) != 0:
+            return -2
+        total += b
+    return total
+
+
+def deque_pairs(free, n):
+    total = 0
+    for _ in range(n):
+        if not free:
+            return -1
+        b = free.popleft()
+        free.append(b)
+        total += b
+    return total
+
+
+def cycled_pool(blocks):
+    """A pool whose ring holds every id, oldest 0: the state the deque starts in."""
+    pool = MemoryPool(blocks * 64, 64)
+    ids = np.empty(blocks, np.int64)
+    pool.allocate_n(ids)
+    pool.release_n(ids)
+    return pool
+
+
+def case_compiled(cfg):
+    n, blocks = cfg.pairs, 1024
+    got = {}
+    kv = timed(lambda p: got.__setitem__("kv", compiled_pairs(p, n)), n, cfg.repeats,
+               setup=lambda: cycled_pool(blocks))
+    peer = timed(lambda d: got.__setitem__("py", deque_pairs(d, n)), n, cfg.repeats,
+                 setup=lambda: collections.deque(range(blocks)))
+    assert got["kv"] == got["py"] >= 0, got      # the same ids in the same order
+    row("4", "@njit allocate() + release() pair", "ns/pair", kv, peer, "Python loop on a deque")
+
+
+# -- case 5: bytes in and out of an entry ----------------------------------------------
+
+def write_read(m, key, data, n):
+    for _ in range(n):
+        m.write(key, data)
+        m.read(key)
+
+
+def copyto_twice(region, data, n):
+    for _ in range(n):
+        np.copyto(region, data)                 # the write
+        out = np.empty_like(region)             # the read returns a new array
+        np.copyto(out, region)
+
+
+def case_data(cfg):
+    bs = 64
+    for size in cfg.data_sizes:
+        n = max(1, cfg.data_bytes // (2 * size))
+        data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+        m = KVCacheManager(2 * size, bs)
+        m.allocate_entry("e", size)
+        kv = timed(lambda _: write_read(m, "e", data, n), n, cfg.repeats)
+        assert np.array_equal(m.read("e"), data)
+        region = np.zeros(2 * size, np.uint8)[:size]
+        peer = timed(lambda _: copyto_twice(region, data, n), n, cfg.repeats)
+        label = f"{size >> 10} KiB" if size < (1 << 20) else f"{size >> 20} MiB"
+        row("5", f"write + read one entry of {label} (bs 64)", "MB/s", kv, peer,
+            "np.copyto x2", nbytes=2 * size, size=size)
+
+
+# -- case 6: LRU churn --------------------------------------------------------------
+
+def churn(m, stream, sizes):
+    """Look each key up; allocate it when absent. Returns the public calls made."""
+    get, allocate = m.get, m.allocate_entry
+    calls = 0
+    for key in stream:
+        if get(key) is None:
+            allocate(key, sizes[key])
+            calls += 1
+    return calls + len(stream)
+
+
+def lookups(m, key, n):
+    get = m.get
+    for _ in range(n):
+        get(key)
+
+
+def case_lru(cfg):
+    bs, k = 64, cfg.churn_keys
+    rng = np.random.default_rng(6)
+    sizes = rng.integers(1, 8 * bs + 1, k).tolist()                # 1..8 blocks each
+    stream = (k * rng.random(cfg.churn_steps) ** 2).astype(np.int64).tolist()  # skewed
+    working_set = sum(-(-s // bs) for s in sizes)
+    small, big = working_set // 3, working_set
+    # The number of calls is a property of the stream and the policy; both agree.
+    counted = {}
+
+    def run(m, tag):
+        counted[tag] = churn(m, stream, sizes)
+        counted[tag + " evictions"] = (m.stats.lru_evictions if isinstance(m, KVCacheManager)
+                                       else m.lru_evictions)
+
+    probe = KVCacheManager(small * bs, bs, eviction="lru")
+    calls = churn(probe, stream, sizes)
+    kv = timed(lambda m: run(m, "kv"), calls, cfg.repeats,
+               setup=lambda: KVCacheManager(small * bs, bs, eviction="lru"))
+    ref = timed(lambda r: run(r, "ref"), calls, cfg.repeats,
+                setup=lambda: RefManager(small * bs, bs, eviction="lru"))
+    assert counted["kv"] == counted["ref"] == calls, counted
+    assert counted["kv evictions"] == counted["ref evictions"], counted
+    evictions = counted["kv evictions"]
+    allocations = calls - len(stream)
+    row("6", f"LRU churn, pool 1/3 of the working set", "ns/op", kv, ref, "RefManager-LRU",
+        note=f"{calls:,} calls, {allocations:,} allocations")
+
+    probe = KVCacheManager(big * bs, bs)
+    calls_none = churn(probe, stream, sizes)
+    none = timed(lambda m: churn(m, stream, sizes), calls_none, cfg.repeats,
+                 setup=lambda: KVCacheManager(big * bs, bs))
+    ref_none = timed(lambda r: churn(r, stream, sizes), calls_none, cfg.repeats,
+                     setup=lambda: RefManager(big * bs, bs))
+    row("6", 'same stream, eviction="none", big pool', "ns/op", none, ref_none,
+        "RefManager (dict)", note=f"{calls_none:,} calls, {calls_none - len(stream):,} allocations")
+    info("6", "LRU minus none, kvpool", "ns/op", kv.median - none.median,
+         note="includes the re-allocations that evictions cause")
+    n = cfg.pairs // 4
+    for what, key in (("hit", 0), ("miss", -1)):
+        m = KVCacheManager(big * bs, bs, eviction="lru")
+        r = RefManager(big * bs, bs, eviction="lru")
+        m.allocate_entry(0, 1)
+        r.allocate_entry(0, 1)
+        kv_get = timed(lambda _: lookups(m, key, n), n, cfg.repeats)
+        ref_get = timed(lambda _: lookups(r, key, n), n, cfg.repeats)
+        row("6", f"m.get(key), {what}", "ns/op", kv_get, ref_get, "RefManager-LRU")
+    info("6", "evictions per call", "ratio", evictions / calls,
+         note=f"{evictions:,} evictions, {evictions / max(allocations, 1):.0%} of allocations, "
+              f"hit rate {1 - allocations / len(stream):.0%}")
+
+
+# -- case 7: a serving trace ---------------------------------------------------------
+
+class Trace:
+    """Requests arrive (Poisson, ``rate`` per step) with a lognormal prompt
+    length and a lognormal number of tokens to decode, both clipped."""
+
+    def __init__(self, steps, seed=2024, rate=1.0, bytes_per_token=16, block_size=256,
+                 max_running=96):
+        rng = np.random.default_rng(seed)
+        counts = rng.poisson(rate, steps)
+        n = int(counts.sum())
+        self.prompt = np.clip(rng.lognormal(np.log(128), 1.0, n), 4, 2048).astype(int).tolist()
+        self.decode = np.clip(rng.lognormal(np.log(48), 0.8, n), 1, 512).astype(int).tolist()
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        self.arrivals = [list(range(starts[i], starts[i + 1])) for i in range(steps)]
+        self.requests = n
+        self.bytes_per_token = bytes_per_token
+        self.block_size = block_size
+        self.max_running = max_running
+
+
+def serve(m, trace, on_step=None):
+    """Run the trace through manager ``m``; counts of what happened.
+
+    Each step: new arrivals join the waiting queue; every running request
+    decodes one token (``resize_entry`` by bytes_per_token) and is removed once
+    it has all its tokens; then waiting requests are admitted (an entry for the
+    prompt) up to ``max_running``. Rule for evictions: a running request whose
+    entry the LRU policy evicted is noticed at its next step (``key not in m``)
+    and goes back to the end of the waiting queue, to restart from its prompt.
+    A ``PoolExhaustedError`` is skipped: on admission the request waits for the
+    next step; on decode the request is dropped.
+    """
+    bpt, prompt, decode = trace.bytes_per_token, trace.prompt, trace.decode
+    allocate, resize, remove = m.allocate_entry, m.resize_entry, m.remove_cache_entry
+    waiting = collections.deque()
+    running = []                                  # [request id, tokens now, tokens at the end]
+    calls = completed = readmitted = skipped = 0
+    for arrivals in trace.arrivals:
+        waiting.extend(arrivals)
+        still = []
+        for req in running:
+            rid = req[0]
+            if rid not in m:
+                waiting.append(rid)
+                readmitted += 1
+                continue
+            req[1] += 1
+            calls += 1
+            try:
+                resize(rid, req[1] * bpt)
+            except PoolExhaustedError:
+                skipped += 1
+                remove(rid)
+                calls += 1
+                continue
+            if req[1] == req[2]:
+                remove(rid)
+                calls += 1
+                completed += 1
+            else:
+                still.append(req)
+        while waiting and len(still) < trace.max_running:
+            rid = waiting[0]
+            calls += 1
+            try:
+                allocate(rid, prompt[rid] * bpt)
+            except PoolExhaustedError:
+                skipped += 1
+                break
+            waiting.popleft()
+            still.append([rid, prompt[rid], prompt[rid] + decode[rid]])
+        running = still
+        if on_step is not None:
+            on_step(m)
+    return {"calls": calls, "completed": completed, "readmitted": readmitted,
+            "skipped": skipped}
+
+
+def case_serving(cfg):
+    trace = Trace(cfg.serve_steps)
+    bs = trace.block_size
+    # Peak demand without a limit (a dry run on the reference), then a pool of 80% of it.
+    unlimited = RefManager(1 << 40, bs)
+    serve(unlimited, trace)
+    blocks = max(1, int(0.8 * unlimited.peak_used))
+    outcome = {}
+
+    def run(m, tag):
+        outcome[tag] = serve(m, trace)
+        outcome[tag]["evictions"] = (m.stats.lru_evictions if isinstance(m, KVCacheManager)
+                                     else m.lru_evictions)
+        outcome[tag]["peak"] = (m.stats.peak_used_blocks if isinstance(m, KVCacheManager)
+                                else m.peak_used)
+
+    probe = KVCacheManager(blocks * bs, bs, eviction="lru")
+    util, frag = [], []
+
+    def sample(m):
+        s = m.stats
+        util.append(s.used_blocks / s.total_blocks)
+        frag.append(s.fragmentation)
+
+    counts = serve(probe, trace, on_step=sample)
+    calls = counts["calls"]
+    kv = timed(lambda m: run(m, "kv"), calls, cfg.repeats,
+               setup=lambda: KVCacheManager(blocks * bs, bs, eviction="lru"))
+    ref = timed(lambda r: run(r, "ref"), calls, cfg.repeats,
+                setup=lambda: RefManager(blocks * bs, bs, eviction="lru"))
+    assert outcome["kv"] == outcome["ref"], outcome
+    out = outcome["kv"]
+    SERIES["utilization"], SERIES["fragmentation"] = util, frag
+    seconds = kv.median * calls / 1e9
+    row("7", f"serving trace, {cfg.serve_steps:,} steps, LRU", "ns/op", kv, ref,
+        "RefManager-LRU", note=f"{calls:,} calls: allocate/resize/remove",
+        requests_per_s=out["completed"] / seconds, ops_per_s=calls / seconds)
+    info("7", "requests completed per second", "req/s", out["completed"] / seconds,
+         note=f"{out['completed']:,} of {trace.requests:,} requests completed")
+    info("7", "operations per second", "ops/s", calls / seconds)
+    info("7", "peak utilization (used/total blocks)", "%", 100 * out["peak"] / blocks,
+         note=f"pool {blocks:,} blocks of {bs} B = 80% of the unlimited peak "
+              f"{unlimited.peak_used:,}")
+    info("7", "mean utilization", "%", 100 * statistics.fmean(util))
+    info("7", "mean fragmentation (internal)", "%", 100 * statistics.fmean(frag))
+    info("7", "LRU evictions", "count", out["evictions"],
+         note=f"{out['readmitted']:,} re-admissions, {out['skipped']} PoolExhaustedError skipped")
+
+
+# -- case 8: first use, in fresh processes ---------------------------------------------
+
+FIRST_USE = r"""
+import json, time
+t = {}
+def clock(name, fn):
+    t0 = time.perf_counter()
+    out = fn()
+    t[name] = time.perf_counter() - t0
+    return out
+kvpool = clock("import kvpool", lambda: __import__("kvpool"))
+clock("first MemoryPool(1 MiB, 64)", lambda: kvpool.MemoryPool(1 << 20, 64))
+m = clock("first KVCacheManager(1 MiB, 64)", lambda: kvpool.KVCacheManager(1 << 20, 64))
+clock("first allocate_entry", lambda: m.allocate_entry("a", 1000))
+clock("first resize_entry", lambda: m.resize_entry("a", 2000))
+clock("first write", lambda: m.write("a", b"x" * 2000))
+clock("first read", lambda: m.read("a"))
+clock("first remove_cache_entry (16 blocks)", lambda: m.remove_cache_entry("a"))
+m.allocate_entry("b", 10)
+clock("first remove_cache_entry (1 block)", lambda: m.remove_cache_entry("b"))
+clock("first allocate_entries", lambda: m.allocate_entries(["c", "d"], [100, 200]))
+clock("first remove_cache_entries", lambda: m.remove_cache_entries(["c", "d"]))
+print(json.dumps(t))
+"""
+
+IMPORT_NUMBA = r"""
+import json, time
+t0 = time.perf_counter()
+import numba
+print(json.dumps({"import numba": time.perf_counter() - t0}))
+"""
+
+
+def in_fresh_process(code):
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def case_first_use(cfg):
+    in_fresh_process(IMPORT_NUMBA)                       # warm-up: the file cache
+    numba_s = Sample([in_fresh_process(IMPORT_NUMBA)["import numba"] * 1e9
+                      for _ in range(cfg.sub_repeats)])
+    runs = [in_fresh_process(FIRST_USE) for _ in range(cfg.sub_repeats)]
+    row("8", "import numba (fresh process)", "s", numba_s)
+    for name in runs[0]:
+        row("8", name, "s", Sample([r[name] * 1e9 for r in runs]))
+    own = Sample([r["import kvpool"] * 1e9 - numba_s.median for r in runs])
+    row("8", "import kvpool minus import numba", "s", own)
+    first_calls = Sample([sum(v for k, v in r.items() if k != "import kvpool") * 1e9
+                          for r in runs])
+    row("8", "all first calls above (construction + methods)", "s", first_calls)
+
+
+# -- case 9: memory ------------------------------------------------------------------
+
+RSS = r"""
+import json, resource
+import kvpool
+kvpool.KVCacheManager(1 << 16, 64)          # compile the constructor first
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+m = kvpool.KVCacheManager(1 << 30, 64)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+p = m.pool
+print(json.dumps({"before_kib": before, "after_kib": after,
+                  "total_blocks": p.total_blocks, "arena_bytes": p.arena.nbytes,
+                  "meta_bytes": p.ring.nbytes + p.link.nbytes + p.state.nbytes}))
+"""
+
+
+def case_memory(cfg):
+    pool = MemoryPool(1 << 20, 64)
+    meta = pool.ring.nbytes + pool.link.nbytes + pool.state.nbytes
+    info("9", "metadata per block (ring + link + state)", "bytes/block",
+         meta / pool.total_blocks)
+    r = in_fresh_process(RSS)
+    info("9", "peak RSS with KVCacheManager(1 GiB, 64)", "MiB", r["after_kib"] / 1024,
+         note=f"{r['total_blocks']:,} blocks; peak RSS before it "
+              f"{r['before_kib'] / 1024:,.1f} MiB")
+    info("9", "peak RSS growth for the 1 GiB pool", "MiB",
+         (r["after_kib"] - r["before_kib"]) / 1024,
+         note=f"allocated: arena {r['arena_bytes'] / 2**20:,.0f} MiB + metadata "
+              f"{r['meta_bytes'] / 2**20:,.0f} MiB")
+
+
+# -- case 10: the lock --------------------------------------------------------------
+
+def peek_loop(m, key, n):
+    peek = m.peek
+    for _ in range(n):
+        peek(key)
+
+
+def unlocked_loop(m, key, n):
+    get = m._cache.get
+    for _ in range(n):
+        get(key)
+
+
+def with_lock_loop(lock, n):
+    for _ in range(n):
+        with lock:
+            pass
+
+
+def empty_loop(n):
+    for _ in range(n):
+        pass
+
+
+def case_lock(cfg):
+    n = cfg.pairs // 4
+    m = KVCacheManager(1 << 16, 64)
+    m.allocate_entry("k", 100)
+    peek = timed(lambda _: peek_loop(m, "k", n), n, cfg.repeats)
+    bare = timed(lambda _: unlocked_loop(m, "k", n), n, cfg.repeats)
+    row("10", "m.peek(key) vs m._cache.get(key)", "ns/op", peek, bare, "unlocked dict get")
+    info("10", "peek minus unlocked get", "ns/op", peek.median - bare.median,
+         note="lock + method call + try")
+    lock = m._lock
+    locked = timed(lambda _: with_lock_loop(lock, n), n, cfg.repeats)
+    empty = timed(lambda _: empty_loop(n), n, cfg.repeats)
+    info("10", "`with m._lock: pass` minus an empty loop", "ns/op",
+         locked.median - empty.median, note=f"{type(lock).__name__}, uncontended")
+
+
+# -- case 11: save / load -------------------------------------------------------------
+
+def case_save_load(cfg):
+    bs, size = 64, cfg.save_arena
+    m = KVCacheManager(size, bs, zero_on_alloc=False)
+    n = 1024
+    m.allocate_entries(range(n), [size // (2 * n)] * n)     # half the arena in entries
+    m.pool.arena.fill(0xA5)                                  # every page resident
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "snapshot.npz")
+        save = timed(lambda _: m.save(path), 1, cfg.io_repeats)
+        nbytes = os.path.getsize(path)
+        load = timed(lambda _: KVCacheManager.load(path), 1, cfg.io_repeats)
+        assert KVCacheManager.load(path) == m
+    label = f"{size >> 20} MiB arena"
+    note = f"file {nbytes / 2**20:,.0f} MiB, fsync'd; MB/s of file bytes"
+    row("11", f"save, {label}", "MB/s", save, nbytes=nbytes, note=note)
+    row("11", f"load, {label} (with check_invariants)", "MB/s", load, nbytes=nbytes, note=note)
+
+
+# -- targets ------------------------------------------------------------------------
+
+def targets():
+    """(what, measured text, target text, passed) for each stated target."""
+    out = []
+
+    def ratio_target(case, what, label, limit, text):
+        r = value_of(case, what)
+        if r and r.get("ratio"):
+            out.append((label, f"ratio {r['ratio']:.2f}", text, r["ratio"] >= limit))
+
+    ratio_target("1", "round trip, 1 block", "1-block round trip vs reference", 0.5,
+                 "ratio >= 0.50 (at most 2x slower)")
+    ratio_target("1", "round trip, 16 blocks", "16-block round trip vs reference", 1 / 1.3,
+                 "ratio >= 0.77 (at most 1.3x slower)")
+    ratio_target("1", "round trip, 256 blocks", "256-block round trip vs reference", 2.0,
+                 "ratio >= 2.00 (at least 2x faster)")
+    ratio_target("2", "batch of 1,000 x 1 block, vs single calls", "batch vs single calls",
+                 5.0, "ratio >= 5.00 (5x cheaper per entry)")
+    r = value_of("3", "allocate_n + release_n, 16,384 blocks")
+    if r:
+        ns = r["kvpool"]["median_ns"]
+        out.append(("block batch vs vLLM queue", f"ratio {r['ratio']:.1f}, {ns:.1f} ns/block",
+                    ">= 10x and <= 10 ns/block", r["ratio"] >= 10 and ns <= 10))
+    r = value_of("4", "@njit allocate() + release() pair")
+    if r:
+        ns = r["kvpool"]["median_ns"]
+        out.append(("compiled allocate+release pair", f"{ns:.1f} ns", "<= 10 ns", ns <= 10))
+    rows = [x for x in RESULTS if x["case"] == "5" and x.get("size", 0) >= 64 << 10]
+    if rows:
+        worst = min(x["ratio"] for x in rows)
+        out.append(("data bandwidth vs np.copyto (>= 64 KiB)", f"worst ratio {worst:.3f}",
+                    "ratio >= 0.50", worst >= 0.5))
+    r = value_of("6", "LRU minus none, kvpool")
+    if r:
+        out.append(('LRU overhead over "none"', f"{r['value']:,.0f} ns/op", "<= 1,000 ns/op",
+                    r["value"] <= 1000))
+    r = value_of("8", "import kvpool minus import numba")
+    if r:
+        s = r["kvpool"]["median_ns"] / 1e9
+        out.append(("import kvpool minus import numba", f"{s:.3f} s", "<= 0.150 s",
+                    s <= 0.15))
+    return out
+
+
+def print_targets(rows):
+    print("\ntargets (measured in this run)", flush=True)
+    print(f"  {'target':<42} {'measured':<28} {'wanted':<36} result")
+    for label, measured, wanted, ok in rows:
+        print(f"  {label:<42} {measured:<28} {wanted:<36} {'PASS' if ok else 'MISS'}")
+    if JIT_DISABLED:
+        print("  (NUMBA_DISABLE_JIT=1: these figures describe the pure-Python fallback)")
+
+
+# -- receipt and plot ------------------------------------------------------------------
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", "kvpool.py"],
+                                   cwd=HERE, capture_output=True, text=True, timeout=10)
+            return out.stdout.strip(), bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None, None
+
+
+def environment():
+    commit, dirty = git_commit()
+    return {
+        "python": platform.python_version(), "implementation": platform.python_implementation(),
+        "numba": numba.__version__, "numpy": np.__version__, "kvpool": kvpool.__version__,
+        "os": platform.platform(), "machine": platform.machine(),
+        "cpu_count": os.cpu_count(), "cpu_model": cpu_model(),
+        "git_commit": commit, "kvpool_py_modified": dirty,
+        "kvpool_py_sha256": file_sha256(kvpool.__file__),
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "numba_disable_jit": JIT_DISABLED,
+    }
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_receipt(path, args, cfg, target_rows, failures, seconds):
+    receipt = {
+        "environment": environment(), "args": vars(args), "config": cfg.to_dict(),
+        "ratio_convention": "peer_time / kvpool_time (medians); >1 means kvpool faster",
+        "cases": RESULTS,
+        "targets": [{"target": t, "measured": m, "wanted": w, "pass": ok}
+                    for t, m, w, ok in target_rows],
+        "failures": failures, "total_seconds": seconds,
+    }
+    with open(path, "w") as f:
+        json.dump(receipt, f, indent=1, default=str)
+    print(f"receipt written to {path}")
+
+
+def plot(path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 9))
+    if SERIES:
+        top.plot(SERIES["utilization"], label="utilization (used / total blocks)")
+        top.plot(SERIES["fragmentation"], label="internal fragmentation")
+        top.set_xlabel("step")
+        top.set_ylim(0, 1.05)
+        top.set_title("serving trace (case 7), kvpool, eviction='lru'")
+        top.legend()
+    rated = [r for r in RESULTS if r.get("ratio")]
+    names = [f"{r['case']}: {r['what']}" for r in rated]
+    bottom.barh(range(len(rated)), [r["ratio"] for r in rated])
+    bottom.set_yticks(range(len(rated)), names, fontsize=7)
+    bottom.axvline(1.0, color="k", lw=0.8)
+    bottom.set_xscale("log")
+    bottom.invert_yaxis()
+    bottom.set_xlabel("peer_time / kvpool_time (>1: kvpool faster)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+# -- main --------------------------------------------------------------------------
+
+CASES = [
+    ("1", "single-entry round trip", case_roundtrip),
+    ("2", "batch entries", case_batch),
+    ("3", "block batches", case_block_batch),
+    ("4", "compiled loop", case_compiled),
+    ("5", "entry data write + read", case_data),
+    ("6", "LRU churn", case_lru),
+    ("7", "serving trace", case_serving),
+    ("8", "first use", case_first_use),
+    ("9", "memory", case_memory),
+    ("10", "lock cost", case_lock),
+    ("11", "save / load", case_save_load),
+]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and repeats (CI)")
+    parser.add_argument("--json", metavar="PATH", help="write a JSON receipt")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG (needs matplotlib)")
+    parser.add_argument("--cases", metavar="LIST", help="comma-separated case numbers")
+    args = parser.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(PLOT_HINT)
+            return 0
+    cfg = Config(args.quick)
+    wanted = set(args.cases.split(",")) if args.cases else None
+    start = time.perf_counter()
+    env = environment()
+    print(f"kvpool {kvpool.__version__} bench ({'quick' if args.quick else 'default'} run): "
+          f"python {env['python']}, numba {env['numba']}, numpy {env['numpy']}, "
+          f"{env['cpu_count']} x {env['cpu_model']}")
+    print(f"R = {cfg.repeats} timed repeats after 1 warm-up (excluded); cells are "
+          f"median [min-max]; load average at start {env['loadavg_at_start']}; "
+          f"kvpool.py sha256 {env['kvpool_py_sha256'][:12]}"
+          f"{' (uncommitted changes)' if env['kvpool_py_modified'] else ''}")
+    print("ratio = peer_time / kvpool_time (medians): >1 means kvpool faster, "
+          "<1 means kvpool slower")
+    if JIT_DISABLED:
+        print("NUMBA_DISABLE_JIT=1: loop counts divided by 50; kvpool runs as plain Python")
+    n, evictions = check_peer_semantics()
+    print(f"peer check: {n:,} random operations, identical block ids, LRU order and "
+          f"counters in KVCacheManager and RefManager ({evictions} LRU evictions)\n",
+          flush=True)
+    print(HEADER, flush=True)
+    failures = []
+    for number, name, case in CASES:
+        if wanted and number not in wanted:
+            continue
+        try:
+            case(cfg)
+        except Exception as exc:                    # noqa: BLE001 - reported, exit 1
+            import traceback
+            traceback.print_exc()
+            print(f"{number:<4} {name}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+            failures.append({"case": number, "error": f"{type(exc).__name__}: {exc}"})
+    target_rows = targets()
+    print_targets(target_rows)
+    seconds = time.perf_counter() - start
+    print(f"\ntotal {seconds:.1f} s")
+    if args.json:
+        write_receipt(args.json, args, cfg, target_rows, failures, seconds)
+    if args.plot:
+        plot(args.plot)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
