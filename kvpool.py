@@ -131,8 +131,8 @@ class MemoryPool:
 
     ``MemoryPool(total_size, block_size, arena=None)``: ``total_size //
     block_size`` blocks over a new zeroed arena, or over ``arena`` (a 1-D
-    C-contiguous ``uint8`` array of at least ``total_size`` bytes, used without
-    a copy).
+    C-contiguous ``uint8`` array of at least that many blocks' bytes, used
+    without a copy).
 
     Free-list ring (capacity ``total_blocks``)::
 
@@ -165,8 +165,8 @@ class MemoryPool:
         if arena is None:
             self.arena = np.zeros(n * block_size, np.uint8)
         else:
-            if arena.shape[0] < total_size:
-                raise ValueError("arena is smaller than total_size")
+            if arena.shape[0] < n * block_size:
+                raise ValueError("arena is smaller than the blocks it must hold")
             self.arena = arena[:n * block_size]
         self.block_size = block_size
         self.total_blocks = n
@@ -856,7 +856,10 @@ class KVCacheManager:
             raise TypeError(f"zero_on_alloc must be a bool, got {zero_on_alloc!r}")
         if on_evict is not None and not callable(on_evict):
             raise TypeError(f"on_evict must be callable, got {on_evict!r}")
-        arena = None if buffer is None else _as_arena(buffer, total_size)
+        if buffer is None:      # zeroed lazily by the OS, page by page
+            arena = np.zeros(total_size - total_size % block_size, np.uint8)
+        else:
+            arena = _as_arena(buffer, total_size)
         self.pool = MemoryPool(total_size, block_size, arena)
         self._arena = self.pool.arena          # a view, fetched once
         self._block_size = block_size
@@ -901,15 +904,26 @@ class KVCacheManager:
             raise TypeError(f"key {key!r} is not hashable") from None
 
     def _blocks_for_all(self, sizes):
-        """(blocks, sizes) as int64 arrays for many sizes; vectorized when
-        they are plainly valid, else the first bad one's error, by index."""
-        arr = sizes if isinstance(sizes, np.ndarray) else np.asarray(list(sizes))
-        if (arr.ndim == 1 and arr.dtype.kind in "iu" and arr.size
-                and arr.min() > 0 and arr.max() <= self._capacity):
-            arr = arr.astype(np.int64)
-            return -(-arr // self._block_size), arr
+        """(blocks, sizes) as int64 arrays for many sizes: vectorized when all
+        are plain ints (or an integer array) in range, else the first bad
+        one's error, naming its index."""
+        if isinstance(sizes, np.ndarray):
+            items = sizes.tolist() if sizes.dtype.kind not in "iu" else None
+        else:
+            items = list(sizes)
+            if all(type(size) is int for size in items):
+                try:
+                    sizes, items = np.array(items, np.int64), None
+                except OverflowError:
+                    pass
+        if items is None and (sizes.ndim != 1 or sizes.size == 0 or (
+                sizes.min() > 0 and sizes.max() <= self._capacity)):
+            sizes = sizes.reshape(-1).astype(np.int64)
+            return -(-sizes // self._block_size), sizes
+        if items is None:
+            items = sizes.reshape(-1).tolist()
         pairs = [self._blocks_for(size, f"sizes[{i}]")
-                 for i, size in enumerate(arr.reshape(-1).tolist())]
+                 for i, size in enumerate(items)]
         return (np.array([p[0] for p in pairs], np.int64),
                 np.array([p[1] for p in pairs], np.int64))
 
@@ -1116,7 +1130,7 @@ class KVCacheManager:
                 entry = entries[0]
                 status = _POOL["free_chain"](pool, entry.block, entry.n_blocks)
                 assert status == OK, f"entry {entry!r} has no valid chain"
-                self._forget(entry, reason, None)
+                self._forget(entries, reason)
                 return None
             if not entries:
                 return None
@@ -1125,8 +1139,7 @@ class KVCacheManager:
         ids = _POOL["free_chains"](pool, heads, counts)
         assert ids.shape[0] == counts.sum(), "an entry has no valid chain"
         if not self._listeners:
-            for entry in entries:
-                self._forget(entry, reason, None)
+            self._forget(entries, reason)
             return None
         reports = []
         used = pool.used_blocks + len(ids)      # as if removed one by one
@@ -1134,31 +1147,35 @@ class KVCacheManager:
         for entry, run in zip(entries, np.split(ids, np.cumsum(counts)[:-1])):
             before = self._snapshot(used)
             used -= entry.n_blocks
-            self._forget(entry, reason, run)
+            self._forget((entry,), reason, (run,))
             reports.append(EvictionReport(
                 entry.key, reason, entry.size, tuple(run.tolist()),
                 entry.n_blocks, entry.n_blocks * self._block_size,
                 before, self._snapshot(used), now))
         return reports
 
-    def _forget(self, entry, reason, ids):
-        """Drop a freed entry from the cache and the counters; freeze it,
-        keeping ``ids`` as its blocks when given."""
-        del self._cache[entry.key]
-        self._active_entries -= 1
-        self._used_memory -= entry.size
-        self._evictions[reason] += 1
-        if entry.pinned:
-            self._pinned_entries -= 1
-            if reason == "lru":
-                self._pinned_lru_evictions += 1
-        if ids is not None and entry._blocks is None:
-            ids.flags.writeable = False
-            entry._blocks = ids
-        entry._pool = None
-        assert self._active_entries == len(self._cache), (
-            f"active_entries={self._active_entries} != "
-            f"len(cache)={len(self._cache)}")
+    def _forget(self, entries, reason, runs=()):
+        """Drop freed entries from the cache and the counters and freeze them,
+        keeping ``runs[i]`` as entry i's blocks when given."""
+        cache = self._cache
+        size = pinned = 0
+        for entry in entries:
+            del cache[entry.key]
+            size += entry.size
+            pinned += entry.pinned
+            entry._pool = None
+        for entry, ids in zip(entries, runs):
+            if entry._blocks is None:
+                ids.flags.writeable = False
+                entry._blocks = ids
+        self._active_entries -= len(entries)
+        self._used_memory -= size
+        self._evictions[reason] += len(entries)
+        self._pinned_entries -= pinned
+        if reason == "lru":
+            self._pinned_lru_evictions += pinned
+        assert self._active_entries == len(cache), (
+            f"active_entries={self._active_entries} != len(cache)={len(cache)}")
 
     # listeners -----------------------------------------------------------------
 
@@ -1192,26 +1209,34 @@ class KVCacheManager:
 
     # lookups and the mapping face ----------------------------------------------
 
+    def _lookup(self, key):
+        """The entry or None, counting a hit (and making it most recently
+        used) or a miss."""
+        try:
+            entry = self._cache.get(key)
+        except TypeError:
+            raise TypeError(f"key {key!r} is not hashable") from None
+        if entry is None:
+            self._misses += 1
+        else:
+            self._hits += 1
+            self._cache.move_to_end(key)
+        return entry
+
     def __getitem__(self, key):
         """The entry for ``key``, made most recently used; counts a hit or a
         miss; ``KeyError`` naming the key if absent."""
         with self._lock:
-            try:
-                entry = self._entry(key)
-            except KeyError:
-                self._misses += 1
-                raise
-            self._hits += 1
-            self._cache.move_to_end(key)
-            return entry
+            entry = self._lookup(key)
+        if entry is None:
+            raise KeyError(f"no live entry for key {key!r}")
+        return entry
 
     def get(self, key, default=None):
         """``m[key]``, or ``default`` when absent (still a miss)."""
         with self._lock:
-            try:
-                return self[key]
-            except KeyError:
-                return default
+            entry = self._lookup(key)
+        return default if entry is None else entry
 
     def peek(self, key, default=None):
         """The entry, or ``default``: no recency change, no hit or miss."""
