@@ -85,6 +85,7 @@ ERR_DUPLICATE = -4       # the same id twice in one call
 ERR_NO_SPACE = -5        # not enough free blocks; nothing was taken
 ERR_BAD_CHAIN = -6       # not the head of a chain of the stated length
 
+_UINT8 = np.dtype(np.uint8)
 EVICTION_POLICIES = ("none", "lru")
 REASONS = ("manual", "lru", "clear")
 FORMAT_VERSION = 1       # of the .npz snapshot written by KVCacheManager.save
@@ -768,6 +769,8 @@ class EvictionReport:
 
 def _as_int(value, name):
     """``value`` as an int: ints and numpy integers, never bools or floats."""
+    if type(value) is int:
+        return value
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an integer, got the bool {value!r}")
     try:
@@ -780,22 +783,24 @@ def _as_int(value, name):
 def _as_bytes(data):
     """The raw bytes of ``data`` as a contiguous, writable 1-D ``uint8`` array
     (a copy only when ``data`` is non-contiguous or read-only)."""
-    if isinstance(data, (bytes, bytearray)):
+    if isinstance(data, np.ndarray):
+        arr = data
+    elif isinstance(data, (bytes, bytearray)):
         arr = np.frombuffer(data, np.uint8)
     elif isinstance(data, memoryview):
         arr = np.asarray(data)
-    elif isinstance(data, np.ndarray):
-        arr = data
     else:
         raise TypeError(f"data must be bytes, bytearray, memoryview or a numpy "
                         f"array, got {type(data).__name__}")
     if arr.dtype.hasobject:
         raise TypeError(f"cannot write an array of dtype {arr.dtype}: it holds "
                         "Python objects, not bytes")
-    arr = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-    if not arr.flags.writeable:     # one compiled signature for all inputs
-        arr = arr.copy()
-    return arr
+    flags = arr.flags
+    if not (flags.c_contiguous and flags.writeable):
+        arr = arr.copy()        # one compiled signature serves every input
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    return arr if arr.dtype is _UINT8 else arr.view(np.uint8)
 
 
 def _as_arena(buffer, total_size):
@@ -1331,7 +1336,7 @@ class KVCacheManager:
         entry when -1) read from byte ``offset``, in one compiled call."""
         with self._lock:
             entry = self._entry(key)
-            dtype = np.dtype(dtype)
+            dtype = _UINT8 if dtype is np.uint8 else np.dtype(dtype)
             if dtype.hasobject or dtype.itemsize == 0:
                 raise TypeError(f"cannot read items of dtype {dtype}")
             offset = _as_int(offset, "offset")
@@ -1355,7 +1360,7 @@ class KVCacheManager:
                                              entry.n_blocks, offset, out)
             assert status == OK, f"read_chain failed with status {status}"
             self._cache.move_to_end(key)
-            return out.view(dtype)
+            return out if dtype is _UINT8 else out.view(dtype)
 
     def block_view(self, block):
         """A zero-copy ``uint8`` view of one block of the arena."""
