@@ -53,6 +53,7 @@ __version__ = "0.1.0"
 
 import collections
 import dataclasses
+import itertools
 import json
 import operator
 import os
@@ -822,6 +823,12 @@ def _as_arena(buffer, total_size):
 
 # -- the manager -------------------------------------------------------------
 
+_BLOCK = operator.attrgetter("block")
+_N_BLOCKS = operator.attrgetter("n_blocks")
+_SIZE = operator.attrgetter("size")
+_PINNED = operator.attrgetter("pinned")
+
+
 class KVCacheManager:
     """Cache entries over a ``MemoryPool``: keys, eviction, bytes, stats.
 
@@ -916,7 +923,7 @@ class KVCacheManager:
             items = sizes.tolist() if sizes.dtype.kind not in "iu" else None
         else:
             items = list(sizes)
-            if all(type(size) is int for size in items):
+            if set(map(type, items)) <= {int}:        # no bools, no floats
                 try:
                     sizes, items = np.array(items, np.int64), None
                 except OverflowError:
@@ -1015,9 +1022,8 @@ class KVCacheManager:
                 reports = self._make_room(int(counts.sum()), None)
                 heads = alloc_chains(self.pool, counts, self._zero)
                 assert heads.shape[0] == len(keys), "blocks vanished"
-            pool = self.pool
-            entries = [KVPoolEntry(*row, pool) for row in zip(
-                keys, sizes.tolist(), heads.tolist(), counts.tolist())]
+            entries = list(map(KVPoolEntry, keys, sizes.tolist(), heads.tolist(),
+                               counts.tolist(), itertools.repeat(self.pool)))
             self._cache.update(zip(keys, entries))
             self._used_memory += int(sizes.sum())
             self._allocations += len(entries)
@@ -1085,19 +1091,21 @@ class KVCacheManager:
         entries, None where a key was absent (as one by one, in order)."""
         with self._lock:
             keys = list(keys)
-            result = []
-            chosen = {}
-            for key in keys:
-                try:
-                    entry = self._cache.get(key)
-                except TypeError:
-                    raise TypeError(f"key {key!r} is not hashable") from None
-                if entry is not None and key in chosen:
-                    entry = None            # removed earlier in this call
-                if entry is not None:
-                    chosen[key] = entry
-                result.append(entry)
-            reports = self._release(list(chosen.values()), "manual")
+            try:
+                result = list(map(self._cache.get, keys))
+                repeats = len(set(keys)) != len(keys)
+            except TypeError:
+                for key in keys:
+                    self.peek(key)          # raises for the unhashable one
+                raise
+            if repeats:                     # a repeat finds its entry gone
+                seen = set()
+                for i, key in enumerate(keys):
+                    if key in seen:
+                        result[i] = None
+                    seen.add(key)
+            reports = self._release([e for e in result if e is not None],
+                                    "manual")
         if reports:
             self._deliver(reports)
         return result
@@ -1139,8 +1147,8 @@ class KVCacheManager:
                 return None
             if not entries:
                 return None
-        heads = np.array([e.block for e in entries], np.int64)
-        counts = np.array([e.n_blocks for e in entries], np.int64)
+        heads = np.fromiter(map(_BLOCK, entries), np.int64, len(entries))
+        counts = np.fromiter(map(_N_BLOCKS, entries), np.int64, len(entries))
         ids = _POOL["free_chains"](pool, heads, counts)
         assert ids.shape[0] == counts.sum(), "an entry has no valid chain"
         if not self._listeners:
@@ -1163,12 +1171,11 @@ class KVCacheManager:
         """Drop freed entries from the cache and the counters and freeze them,
         keeping ``runs[i]`` as entry i's blocks when given."""
         cache = self._cache
-        size = pinned = 0
         for entry in entries:
             del cache[entry.key]
-            size += entry.size
-            pinned += entry.pinned
             entry._pool = None
+        size = sum(map(_SIZE, entries))
+        pinned = sum(map(_PINNED, entries))
         for entry, ids in zip(entries, runs):
             if entry._blocks is None:
                 ids.flags.writeable = False
