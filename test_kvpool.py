@@ -1001,3 +1001,22 @@ def test_import_compiles_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.stdout.split()[-1] == "0"
+
+
+def test_bytes_over_a_scattered_chain_match_the_views():
+    m = KVCacheManager(16 * 16, 16)
+    for k in range(8):
+        m.allocate_entry(k, 16)
+    for k in (5, 2, 3, 7):                 # frees 5, 2, 3, 7 in that order
+        m.remove_cache_entry(k)
+    e = m.allocate_entry("s", 16 * 6)      # blocks 5, 2, 3, 7, 8, 9: runs of 1, 2, 3
+    assert e.blocks.tolist() == [5, 2, 3, 7, 8, 9]
+    data = np.random.default_rng(3).integers(0, 256, 90, np.uint8)
+    m.write("s", data, offset=3)
+    joined = np.concatenate(m.views("s"))
+    assert np.array_equal(joined[3:93], data)
+    assert np.array_equal(m.read("s", offset=3, count=90), data)
+    for offset, count in ((0, 96), (15, 2), (17, 40), (47, 49)):
+        assert np.array_equal(m.read("s", offset=offset, count=count),
+                              joined[offset:offset + count])
+    m.check_invariants()
