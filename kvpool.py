@@ -785,7 +785,7 @@ def _as_bytes(data):
     """The raw bytes of ``data`` as a contiguous, writable 1-D ``uint8`` array
     (a copy only when ``data`` is non-contiguous or read-only)."""
     if isinstance(data, np.ndarray):
-        arr = data
+        arr = np.asarray(data)  # a plain ndarray: subclasses keep their shape
     elif isinstance(data, (bytes, bytearray)):
         arr = np.frombuffer(data, np.uint8)
     elif isinstance(data, memoryview):
@@ -916,28 +916,30 @@ class KVCacheManager:
             raise TypeError(f"key {key!r} is not hashable") from None
 
     def _blocks_for_all(self, sizes):
-        """(blocks, sizes) as int64 arrays for many sizes: vectorized when all
-        are plain ints (or an integer array) in range, else the first bad
+        """(blocks, sizes) as 1-D int64 arrays for many sizes: vectorized when
+        all are plain ints (or an integer array) in range, else the first bad
         one's error, naming its index."""
+        flat = None                 # the sizes as an int64 array, if plainly ints
         if isinstance(sizes, np.ndarray):
-            items = sizes.tolist() if sizes.dtype.kind not in "iu" else None
+            items = np.asarray(sizes).reshape(-1)
+            if items.dtype.kind in "iu":
+                flat = items
+            items = items.tolist()
         else:
             items = list(sizes)
             if set(map(type, items)) <= {int}:        # no bools, no floats
                 try:
-                    sizes, items = np.array(items, np.int64), None
+                    flat = np.array(items, np.int64)
                 except OverflowError:
                     pass
-        if items is None and (sizes.ndim != 1 or sizes.size == 0 or (
-                sizes.min() > 0 and sizes.max() <= self._capacity)):
-            sizes = sizes.reshape(-1).astype(np.int64)
-            return -(-sizes // self._block_size), sizes
-        if items is None:
-            items = sizes.reshape(-1).tolist()
+        if flat is not None and (flat.size == 0 or (
+                flat.min() > 0 and flat.max() <= self._capacity)):
+            flat = flat.astype(np.int64)
+            return -(-flat // self._block_size), flat
         pairs = [self._blocks_for(size, f"sizes[{i}]")
                  for i, size in enumerate(items)]
-        return (np.array([p[0] for p in pairs], np.int64),
-                np.array([p[1] for p in pairs], np.int64))
+        return (np.array([p[0] for p in pairs], np.int64).reshape(-1),
+                np.array([p[1] for p in pairs], np.int64).reshape(-1))
 
     def _check_new_keys(self, keys):
         """``_check_new_key`` for many keys, also refusing repeats."""
