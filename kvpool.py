@@ -585,10 +585,13 @@ class PoolExhaustedError(MemoryError):
     """Not enough free blocks for a request, even after allowed evictions."""
 
     def __init__(self, needed, free):
-        super().__init__(f"need {needed} blocks but only {free} are free"
-                         " (and nothing more can be evicted)")
+        super().__init__(needed, free)      # so that it pickles
         self.needed = needed
         self.free = free
+
+    def __str__(self):
+        return (f"need {self.needed} blocks but only {self.free} are free"
+                " (and nothing more can be evicted)")
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -642,12 +645,23 @@ class KVPoolEntry:
             self._blocks = ids
         return self._blocks
 
+    def _known_blocks(self):
+        """``blocks``, or None where a removed entry no longer knows them."""
+        if self._pool is None and self._blocks is None and self.n_blocks > 1:
+            return None
+        return self.blocks
+
     def __eq__(self, other):
         if not isinstance(other, KVPoolEntry):
             return NotImplemented
-        return (self.key == other.key and self.size == other.size
-                and self.pinned == other.pinned
-                and np.array_equal(self.blocks, other.blocks))
+        if self is other:
+            return True
+        mine, theirs = self._known_blocks(), other._known_blocks()
+        return ((self.key, self.size, self.block, self.n_blocks, self.pinned)
+                == (other.key, other.size, other.block, other.n_blocks,
+                    other.pinned)
+                and (mine is None) == (theirs is None)
+                and (mine is None or np.array_equal(mine, theirs)))
 
     __hash__ = None
 
@@ -858,6 +872,8 @@ class KVCacheManager:
         block_size = _as_int(block_size, "block_size")
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if total_size >= 1 << 63:
+            raise ValueError(f"total_size {total_size} does not fit in int64")
         if total_size < block_size:
             raise ValueError(f"total_size {total_size} is smaller than one "
                              f"block of {block_size} bytes")
@@ -1503,10 +1519,21 @@ class KVCacheManager:
                 if type(meta[name]) is not int:
                     raise ValueError(f"counter {name!r} is {meta[name]!r}")
                 setattr(pool, name, meta[name])
+            for name, kinds in (("sizes", "iu"), ("heads", "iu"),
+                                ("n_blocks", "iu"), ("pinned", "b")):
+                if arrays[name].ndim != 1 or arrays[name].dtype.kind not in kinds:
+                    raise ValueError(f"column {name!r} has dtype "
+                                     f"{arrays[name].dtype} and shape "
+                                     f"{arrays[name].shape}")
             columns = [arrays[n].tolist() for n in ("sizes", "heads", "n_blocks",
                                                     "pinned")]
             if any(len(c) != len(keys) for c in columns):
                 raise ValueError("entry columns differ in length from the keys")
+            counters = [meta["allocations"], meta["hits"], meta["misses"]]
+            counters += [meta["evictions"][r] for r in REASONS]
+            if any(type(c) is not int or c < 0 for c in counters):
+                raise ValueError(f"stat counters {counters} are not all "
+                                 "non-negative ints")
             for key, size, head, n, pinned in zip(keys, *columns):
                 entry = KVPoolEntry(key, size, head, n, pool)
                 entry.pinned = bool(pinned)
@@ -1647,7 +1674,7 @@ def _audit(m):
 
     # Each entry owns a well-formed chain of ceil(size / bs) blocks; chains
     # are disjoint and are all the HEAD/LINK blocks there are.
-    owned = 0
+    chains = []
     used_memory = 0
     pinned = 0
     for key, entry in m._cache.items():
@@ -1665,19 +1692,18 @@ def _audit(m):
         if entry._blocks is not None and not np.array_equal(entry._blocks, ids):
             _fail(f"entry {key!r}: cached blocks {entry._blocks.tolist()} != "
                   f"chain {ids.tolist()}")
-        owned += entry.n_blocks
+        chains.append(ids)
         used_memory += entry.size
         pinned += bool(entry.pinned)
-    if np.count_nonzero((state == HEAD) | (state == LINK)) != owned:
-        _fail(f"{np.count_nonzero((state == HEAD) | (state == LINK))} blocks "
-              f"are in chains but live entries own {owned} (overlap or leak)")
-    if np.count_nonzero(state == HEAD) != len(m._cache):
-        _fail(f"{np.count_nonzero(state == HEAD)} chain heads for "
-              f"{len(m._cache)} entries")
-    # HELD blocks make up the rest of the used ones.
-    if owned + np.count_nonzero(state == HELD) != used:
-        _fail(f"entry blocks {owned} + held {np.count_nonzero(state == HELD)} "
-              f"!= used_blocks={used}")
+    owned_ids = np.concatenate(chains) if chains else np.empty(0, np.int64)
+    owned = owned_ids.size
+    chained = np.flatnonzero((state == HEAD) | (state == LINK))
+    if not np.array_equal(np.sort(owned_ids), chained):
+        ids, times = np.unique(owned_ids, return_counts=True)
+        _fail(f"{chained.size} blocks are in chains but live entries own "
+              f"{owned}: shared {ids[times > 1][:8].tolist()}, orphaned "
+              f"{np.setdiff1d(chained, owned_ids)[:8].tolist()}")
+    # (So HELD blocks are exactly the used ones that no entry owns.)
 
     # Counters recomputed from scratch equal the stored ones.
     if m._active_entries != len(m._cache):

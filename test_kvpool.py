@@ -2,25 +2,41 @@
 core rules, eviction, bytes, persistence, then abuse. Every test that mutates
 calls ``check_invariants()`` after each step."""
 
+import array
+import collections
 import copy
+import dataclasses
 import json
 import multiprocessing
 import os
 import pickle
 import random
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from collections import OrderedDict, deque
 
 import numba
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
+                                 precondition, rule)
 
 import kvpool
-from kvpool import (CacheKey, EvictionReport, KVCacheManager, KVPoolEntry,
-                    MemoryPool, PoolExhaustedError, PoolStats)
+from kvpool import (ERR_DUPLICATE, ERR_IN_ENTRY, ERR_NOT_ALLOCATED, ERR_RANGE,
+                    FREE, HEAD, HELD, LINK, NEVER, NO_BLOCK, OK, CacheKey,
+                    EvictionReport, KVCacheManager, KVPoolEntry, MemoryPool,
+                    PoolExhaustedError, PoolStats)
 
 JIT = os.environ.get("NUMBA_DISABLE_JIT", "0") != "1"
+JIT_DISABLED = bool(numba.config.DISABLE_JIT)
+_DID_NOT_RAISE = pytest.fail.Exception          # pytest.raises(...) failing
 
 
 def state_of(m):
@@ -1020,3 +1036,1922 @@ def test_bytes_over_a_scattered_chain_match_the_views():
         assert np.array_equal(m.read("s", offset=offset, count=count),
                               joined[offset:offset + count])
     m.check_invariants()
+
+
+# == abuse: the model, corrupted state, bad input, threads, faults =========
+
+# -- shared helpers (used by sections 2-6) -------------------------------------
+
+def _victim():
+    """16 blocks of 16 bytes, eviction "none": a=[0,1,2] (40 B, written),
+    b=[3] (16 B, pinned), HELD block 4, freed block 5 (in the ring),
+    NEVER blocks 6..15; LRU order a, b."""
+    m = KVCacheManager(16 * 16, 16)
+    m.allocate_entry("a", 40)
+    m.allocate_entry("b", 16)
+    assert m.pool.allocate() == 4
+    m.allocate_entry("c", 1)
+    m.remove_cache_entry("c")
+    m.write("a", bytes(range(1, 41)))
+    m.write("b", b"\xee" * 16)
+    m.touch("b")
+    m.pin("b")
+    m.reset_stats()
+    assert list(m) == ["a", "b"] and m.pool.state[:7].tolist() == [
+        HEAD, LINK, LINK, HEAD, HELD, FREE, NEVER]
+    return m
+
+
+def _freeze(m):
+    pool = m.pool
+    return {
+        "stats": m.stats, "arena": pool.arena.copy(), "order": list(m),
+        "entries": [(k, e.size, e.block, e.n_blocks, e.pinned)
+                    for k, e in m.cache.items()],
+        "ring": pool.ring.copy(), "state": pool.state.copy(),
+        "link": pool.link.copy(),
+        "counters": (pool.head, pool.count, pool.bump, pool.peak_used),
+    }
+
+
+def _assert_unchanged(m, before, **stats_delta):
+    after = _freeze(m)
+    expected = dataclasses.replace(before["stats"], **{
+        k: getattr(before["stats"], k) + v for k, v in stats_delta.items()})
+    assert after["stats"] == expected
+    for name in ("arena", "ring", "state", "link"):
+        assert np.array_equal(after[name], before[name]), name
+    for name in ("order", "entries", "counters"):
+        assert after[name] == before[name], name
+    m.check_invariants()
+
+
+def _run_fresh(code, timeout=300):
+    """Run ``code`` in a new interpreter with this one's environment (and
+    kvpool importable); (returncode, stdout, stderr)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.abspath(kvpool.__file__)),
+         env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", code], env=env, timeout=timeout,
+                       capture_output=True, text=True)
+    return r.returncode, r.stdout, r.stderr
+
+
+# =============================================================================
+# Section 1: model-based testing (hypothesis RuleBasedStateMachine)
+#
+# One KVCacheManager is driven through random sequences of every public
+# operation; a pure-Python model of the documented rules predicts the exact
+# block ids (FIFO free ring + bump counter), LRU order, eviction victims,
+# every byte of the arena, every PoolStats field and every eviction report.
+# After every step the two are compared and check_invariants() is called.
+# =============================================================================
+
+class _MEntry:
+    __slots__ = ("size", "blocks", "pinned")
+
+    def __init__(self, size, blocks):
+        self.size = size
+        self.blocks = list(blocks)
+        self.pinned = False
+
+
+class _Either(Exception):
+    """The model's verdict: the call must raise one of ``types``."""
+
+    def __init__(self, types):
+        super().__init__(types)
+        self.types = types
+
+
+class _Model:
+    """The documented rules, in plain Python."""
+
+    def __init__(self, total_blocks, bs, eviction, zero):
+        self.total = total_blocks
+        self.bs = bs
+        self.cap = total_blocks * bs
+        self.eviction = eviction
+        self.zero = zero
+        self.ring = collections.deque()      # FIFO of freed ids, oldest left
+        self.bump = 0                        # ids >= bump never handed out
+        self.entries = collections.OrderedDict()   # LRU first
+        self.held = []                       # pool.allocate()'d block ids
+        self.arena = bytearray(total_blocks * bs)
+        self.allocations = 0
+        self.ev = {"manual": 0, "lru": 0, "clear": 0}
+        self.hits = 0
+        self.misses = 0
+        self.peak = 0
+        self.reports = []
+
+    # -- pool ---------------------------------------------------------------
+    @property
+    def used(self):
+        return self.bump - len(self.ring)
+
+    @property
+    def free(self):
+        return self.total - self.used
+
+    def take(self, n):
+        out = []
+        for _ in range(n):
+            if self.ring:
+                out.append(self.ring.popleft())
+            else:
+                out.append(self.bump)
+                self.bump += 1
+        self.peak = max(self.peak, self.used)
+        return out
+
+    def zero_block(self, b):
+        self.arena[b * self.bs:(b + 1) * self.bs] = bytes(self.bs)
+
+    def entry_bytes(self, key, lo=0, hi=None):
+        e = self.entries[key]
+        hi = e.size if hi is None else hi
+        out = bytearray()
+        for pos in range(lo, hi):
+            b = e.blocks[pos // self.bs]
+            out.append(self.arena[b * self.bs + pos % self.bs])
+        return bytes(out)
+
+    def set_entry_bytes(self, key, offset, data):
+        e = self.entries[key]
+        for i, byte in enumerate(data):
+            pos = offset + i
+            b = e.blocks[pos // self.bs]
+            self.arena[b * self.bs + pos % self.bs] = byte
+
+    # -- stats and removal --------------------------------------------------
+    def stats(self):
+        used_memory = sum(e.size for e in self.entries.values())
+        held = self.used * self.bs
+        return PoolStats(
+            total_capacity=self.cap, used_memory=used_memory,
+            active_entries=len(self.entries), allocations=self.allocations,
+            evictions=sum(self.ev.values()), manual_evictions=self.ev["manual"],
+            lru_evictions=self.ev["lru"], clear_evictions=self.ev["clear"],
+            fragmentation=1.0 - used_memory / held if held else 0.0,
+            block_size=self.bs, total_blocks=self.total, used_blocks=self.used,
+            free_blocks=self.total - self.used, peak_used_blocks=self.peak,
+            hits=self.hits, misses=self.misses,
+            pinned_entries=sum(e.pinned for e in self.entries.values()))
+
+    def release(self, keys, reason):
+        """Free entries one by one, in order (each entry's blocks in chain
+        order go to the ring tail), recording the expected reports."""
+        for k in keys:
+            e = self.entries[k]
+            before = self.stats()
+            self.ring.extend(e.blocks)
+            del self.entries[k]
+            self.ev[reason] += 1
+            n = len(e.blocks)
+            self.reports.append((k, reason, e.size, tuple(e.blocks), n,
+                                 n * self.bs, before, self.stats()))
+
+    def make_room(self, need, keep):
+        free = self.free
+        victims = []
+        if self.eviction == "lru":
+            for k, e in self.entries.items():
+                if free >= need:
+                    break
+                if not e.pinned and k != keep:
+                    victims.append(k)
+                    free += len(e.blocks)
+        if free < need:
+            raise PoolExhaustedError(need, self.free)
+        event(f"lru evicted {min(len(victims), 3)}+ entries")
+        self.release(victims, "lru")
+
+    def nblocks(self, size):
+        return -(-size // self.bs)
+
+    # -- operations (raise the documented exception, changing nothing) ------
+    def allocate_entry(self, key, size):
+        if size > self.cap:
+            raise ValueError(size)
+        if key in self.entries:
+            raise KeyError(key)
+        n = self.nblocks(size)
+        if n > self.free:
+            self.make_room(n, None)
+        ids = self.take(n)
+        if self.zero:
+            for b in ids:
+                self.zero_block(b)
+        self.entries[key] = _MEntry(size, ids)
+        self.allocations += 1
+        return self.entries[key]
+
+    def allocate_entries(self, keys, sizes):
+        # with both a bad size and a bad key, the docstring ("names the first
+        # bad key or size") does not say which wins: accept either
+        bad = set()
+        if any(s > self.cap for s in sizes):
+            bad.add(ValueError)
+        if len(set(keys)) != len(keys) or any(k in self.entries for k in keys):
+            bad.add(KeyError)
+        if bad:
+            raise _Either(tuple(bad))
+        if not keys:
+            return []
+        counts = [self.nblocks(s) for s in sizes]
+        need = sum(counts)
+        if need > self.total:
+            raise PoolExhaustedError(need, self.free)
+        if need > self.free:
+            self.make_room(need, None)
+        ids = self.take(need)
+        if self.zero:
+            for b in ids:
+                self.zero_block(b)
+        pos = 0
+        for k, s, c in zip(keys, sizes, counts):
+            self.entries[k] = _MEntry(s, ids[pos:pos + c])
+            pos += c
+        self.allocations += len(keys)
+        return [self.entries[k] for k in keys]
+
+    def resize_entry(self, key, new_size):
+        if new_size > self.cap:
+            raise ValueError(new_size)
+        if key not in self.entries:
+            raise KeyError(key)
+        e = self.entries[key]
+        n_old, n_new = len(e.blocks), self.nblocks(new_size)
+        if n_new - n_old > self.free:
+            self.make_room(n_new - n_old, key)
+        chain = list(e.blocks)
+        if n_new > n_old:
+            added = self.take(n_new - n_old)
+            if self.zero:
+                for b in added:
+                    self.zero_block(b)
+            e.blocks = chain + added
+        elif n_new < n_old:
+            self.ring.extend(chain[n_new:])
+            e.blocks = chain[:n_new]
+        if self.zero:
+            kept = min(n_old, n_new)
+            for pos in range(min(e.size, new_size), kept * self.bs):
+                b = chain[pos // self.bs]
+                self.arena[b * self.bs + pos % self.bs] = 0
+        e.size = new_size
+        self.entries.move_to_end(key)
+        return e
+
+    def remove_cache_entry(self, key):
+        if key not in self.entries:
+            return None
+        e = self.entries[key]
+        self.release([key], "manual")
+        return e
+
+    def remove_cache_entries(self, keys):
+        chosen, result = [], []
+        for k in keys:
+            if k in self.entries and k not in chosen:
+                chosen.append(k)
+                result.append(self.entries[k])
+            else:
+                result.append(None)
+        self.release(chosen, "manual")
+        return result
+
+    def lookup(self, key):
+        if key not in self.entries:
+            self.misses += 1
+            raise KeyError(key)
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return self.entries[key]
+
+    def touch(self, key):
+        if key not in self.entries:
+            raise KeyError(key)
+        self.entries.move_to_end(key)
+
+
+_KEYS = ["a", "b", 1, CacheKey("seq", 1), CacheKey("seq", 2), ("t", 3), b"k",
+         (CacheKey("x", -5), "y")]
+_key = st.sampled_from(_KEYS)
+
+
+def _size(model):
+    """Sizes scaled to the pool: mostly 1-2 blocks, some up to half the pool,
+    a few around the total capacity (just fitting or one byte too many)."""
+    cap, bs = model.cap, model.bs
+    return st.one_of(st.integers(1, 2 * bs), st.integers(1, 2 * bs),
+                     st.integers(1, cap // 2), st.integers(cap - bs, cap + 1))
+
+
+def _to_source(data, form):
+    """The same raw bytes as different kinds of data source."""
+    raw = bytes(data)
+    if form == 0:
+        return raw
+    if form == 1:
+        return bytearray(raw)
+    if form == 2:
+        return memoryview(raw)
+    if form == 3:                                   # read-only ndarray
+        return np.frombuffer(raw, np.uint8)
+    if form == 4:                                   # non-contiguous ndarray
+        big = np.zeros(2 * len(raw), np.uint8)
+        big[::2] = np.frombuffer(raw, np.uint8)
+        return big[::2]
+    if form == 5 and len(raw) % 2 == 0:             # other dtype, same bytes
+        return np.frombuffer(raw, np.uint8).copy().view(np.uint16)
+    return bytearray(raw)
+
+
+class KVMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.tmp = tempfile.mkdtemp(prefix="kvabuse-")
+        self.m = None
+
+    def teardown(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    @initialize(nb=st.integers(4, 16), bs=st.sampled_from([16, 32, 64]),
+                extra=st.integers(0, 15),
+                eviction=st.sampled_from(["none", "lru", "lru"]),
+                zero=st.booleans(), listen=st.booleans())
+    def init(self, nb, bs, extra, eviction, zero, listen):
+        # without listeners the manager takes other (array-free) removal paths
+        self.m = KVCacheManager(nb * bs + extra, bs, eviction=eviction,
+                                zero_on_alloc=zero)
+        self.model = _Model(nb, bs, eviction, zero)
+        self.listen = listen
+        self.got = []
+        self.listen_to(self.m)
+
+    def listen_to(self, m):
+        if self.listen:
+            m.add_eviction_listener(self.got.append)
+
+    # -- helpers --------------------------------------------------------------
+    def both(self, real, model):
+        """Run the model; the real call must raise the same exception type
+        (with the same needed/free for PoolExhaustedError) or succeed."""
+        try:
+            expected = model()
+        except (KeyError, ValueError, PoolExhaustedError, _Either) as exc:
+            types = exc.types if isinstance(exc, _Either) else (type(exc),)
+            event(f"expected {'/'.join(t.__name__ for t in types)}")
+            try:
+                real()
+            except types as got:
+                assert type(got) in types, f"{got!r} is not one of {types}"
+                if isinstance(exc, PoolExhaustedError):
+                    assert (got.needed, got.free) == (exc.needed, exc.free)
+                return None, None, True
+            raise AssertionError(f"expected {types}")
+        return real(), expected, False
+
+    def check_entry(self, real, model_entry, key):
+        assert real.key == key
+        assert real.size == model_entry.size
+        assert real.n_blocks == len(model_entry.blocks)
+        assert real.block == model_entry.blocks[0]
+        assert real.blocks.tolist() == model_entry.blocks
+
+    # -- adding ---------------------------------------------------------------
+    @rule(key=_key, data=st.data())
+    def allocate_entry(self, key, data):
+        size = data.draw(_size(self.model))
+        real, exp, raised = self.both(lambda: self.m.allocate_entry(key, size),
+                                      lambda: self.model.allocate_entry(key, size))
+        if not raised:
+            self.check_entry(real, exp, key)
+
+    # a second, identical rule: allocations twice as often fill the pool
+    @rule(key=_key, data=st.data())
+    def allocate_entry_again(self, key, data):
+        self.allocate_entry(key, data)
+
+    @rule(data=st.data())
+    def allocate_entries(self, data):
+        keys = data.draw(st.lists(_key, max_size=4))
+        sizes = data.draw(st.lists(_size(self.model), min_size=len(keys),
+                                   max_size=len(keys)))
+        real, exp, raised = self.both(
+            lambda: self.m.allocate_entries(iter(keys), tuple(sizes)),
+            lambda: self.model.allocate_entries(keys, sizes))
+        if not raised:
+            assert len(real) == len(keys)
+            for r, e, k in zip(real, exp, keys):
+                self.check_entry(r, e, k)
+
+    @rule(key=_key, data=st.data())
+    def resize_entry(self, key, data):
+        e = self.model.entries.get(key)
+        if e is not None and data.draw(st.booleans()):
+            # near the current size: crosses block boundaries by a byte or so
+            bs = self.model.bs
+            size = data.draw(st.integers(max(1, e.size - bs - 1), e.size + bs + 1))
+        else:
+            size = data.draw(_size(self.model))
+        real, exp, raised = self.both(lambda: self.m.resize_entry(key, size),
+                                      lambda: self.model.resize_entry(key, size))
+        if not raised:
+            self.check_entry(real, exp, key)
+
+    # -- removing -------------------------------------------------------------
+    @rule(key=_key)
+    def remove_cache_entry(self, key):
+        live = key in self.model.entries
+        blocks = list(self.model.entries[key].blocks) if live else None
+        real = self.m.remove_cache_entry(key)
+        self.model.remove_cache_entry(key)
+        if not live:
+            assert real is None
+        else:
+            assert real.key == key and real.blocks.tolist() == blocks
+            assert not real.blocks.flags.writeable
+
+    @rule(keys=st.lists(_key, max_size=5))
+    def remove_cache_entries(self, keys):
+        expected = [None if e is None else (e.size, list(e.blocks))
+                    for e in self.model.remove_cache_entries(keys)]
+        real = self.m.remove_cache_entries(keys)
+        assert [None if e is None else (e.size, e.blocks.tolist())
+                for e in real] == expected
+
+    @rule()
+    def clear(self):
+        self.m.clear()
+        self.model.release(list(self.model.entries), "clear")
+
+    # -- lookups --------------------------------------------------------------
+    @rule(key=_key)
+    def getitem(self, key):
+        real, exp, raised = self.both(lambda: self.m[key],
+                                      lambda: self.model.lookup(key))
+        if not raised:
+            self.check_entry(real, exp, key)
+
+    @rule(key=_key)
+    def get(self, key):
+        sentinel = object()
+        real = self.m.get(key, sentinel)
+        try:
+            exp = self.model.lookup(key)
+        except KeyError:
+            assert real is sentinel
+        else:
+            self.check_entry(real, exp, key)
+
+    @rule(key=_key)
+    def peek_contains_iter_len(self, key):
+        real = self.m.peek(key)
+        assert (key in self.m) == (key in self.model.entries)
+        if key in self.model.entries:
+            self.check_entry(real, self.model.entries[key], key)
+        else:
+            assert real is None
+        assert len(self.m) == len(self.model.entries)
+        assert list(self.m.cache) == list(self.model.entries)
+
+    @rule(key=_key)
+    def touch(self, key):
+        self.both(lambda: self.m.touch(key), lambda: self.model.touch(key))
+
+    @rule(key=_key, on=st.sampled_from([True, True, False]))
+    def pin_unpin(self, key, on):
+        def model():
+            if key not in self.model.entries:
+                raise KeyError(key)
+            self.model.entries[key].pinned = on
+        self.both(lambda: (self.m.pin if on else self.m.unpin)(key), model)
+
+    @rule()
+    def unpin_all(self):
+        self.m.unpin_all()
+        for e in self.model.entries.values():
+            e.pinned = False
+
+    # -- bytes ----------------------------------------------------------------
+    @rule(key=_key, data=st.binary(max_size=80), offset=st.integers(0, 130),
+          form=st.integers(0, 5), where=st.sampled_from(["given", "end", "all"]),
+          seed=st.integers(0, 2 ** 32))
+    def write(self, key, data, offset, form, where, seed):
+        e = self.model.entries.get(key)
+        if where == "end" and e is not None:      # the entry's last bytes
+            data = (data or b"\xff")[:e.size]
+            offset = e.size - len(data)
+        elif where == "all" and e is not None:    # every byte, across blocks
+            data = random.Random(seed).randbytes(e.size)
+            offset = 0
+        src = _to_source(data, form)
+
+        def model():
+            if key not in self.model.entries:
+                raise KeyError(key)
+            if offset + len(data) > self.model.entries[key].size:
+                raise ValueError(offset)
+            self.model.set_entry_bytes(key, offset, data)
+            self.model.entries.move_to_end(key)
+        self.both(lambda: self.m.write(key, src, offset), model)
+
+    @rule(key=_key, offset=st.integers(0, 130), count=st.integers(-1, 40),
+          dtype=st.sampled_from([np.uint8, np.uint16, np.int32, "V3"]))
+    def read(self, key, offset, count, dtype):
+        item = np.dtype(dtype).itemsize
+
+        def model():
+            if key not in self.model.entries:
+                raise KeyError(key)
+            size = self.model.entries[key].size
+            if offset > size:
+                raise ValueError(offset)
+            nbytes = size - offset if count == -1 else count * item
+            if nbytes % item or offset + nbytes > size:
+                raise ValueError(offset)
+            self.model.entries.move_to_end(key)
+            return self.model.entry_bytes(key, offset, offset + nbytes)
+        real, exp, raised = self.both(
+            lambda: self.m.read(key, dtype, offset, count), model)
+        if not raised:
+            assert real.dtype == np.dtype(dtype)
+            assert real.tobytes() == exp
+
+    @rule(key=_key)
+    def views(self, key):
+        def model():
+            if key not in self.model.entries:
+                raise KeyError(key)
+            self.model.entries.move_to_end(key)
+            return self.model.entry_bytes(key)
+        real, exp, raised = self.both(lambda: self.m.views(key), model)
+        if not raised:
+            assert b"".join(v.tobytes() for v in real) == exp
+
+    # -- statistics and persistence -------------------------------------------
+    @rule()
+    def reset_stats(self):
+        self.m.reset_stats()
+        M = self.model
+        M.allocations = M.hits = M.misses = 0
+        M.ev = dict.fromkeys(M.ev, 0)
+        M.peak = M.used
+
+    @rule()
+    def save_load(self):
+        path = os.path.join(self.tmp, "snap.npz")
+        self.m.save(path)
+        assert os.listdir(self.tmp) == ["snap.npz"]      # no temp file left
+        loaded = KVCacheManager.load(path)
+        assert loaded == self.m
+        self.m = loaded
+        self.listen_to(self.m)                           # listeners not saved
+
+    @rule(deep=st.booleans())
+    def pickle_roundtrip(self, deep):
+        loaded = copy.deepcopy(self.m) if deep else pickle.loads(pickle.dumps(self.m))
+        assert loaded == self.m
+        self.m = loaded
+        self.listen_to(self.m)
+
+    # -- the pool's own block API on the same pool ------------------------------
+    @rule(fill=st.binary(min_size=1, max_size=8))
+    def pool_allocate(self, fill):
+        b = self.m.pool.allocate()
+        if self.model.free == 0:
+            assert b == NO_BLOCK
+            return
+        assert b == self.model.take(1)[0]
+        self.model.held.append(int(b))
+        # a HELD block is the caller's: write to it through block_view
+        view = self.m.block_view(b)
+        pattern = (fill * self.model.bs)[:self.model.bs]
+        view[:] = np.frombuffer(pattern, np.uint8)
+        self.model.arena[b * self.model.bs:(b + 1) * self.model.bs] = pattern
+
+    @precondition(lambda self: self.m is not None and self.model.held)
+    @rule(i=st.integers(0, 100))
+    def pool_deallocate(self, i):
+        b = self.model.held.pop(i % len(self.model.held))
+        self.m.pool.deallocate(b)
+        self.model.ring.append(b)
+
+    @rule(which=st.integers(0, 3), i=st.integers(0, 100))
+    def pool_bad_deallocate(self, which, i):
+        M = self.model
+        candidates = [
+            [b for e in M.entries.values() for b in e.blocks],   # entry's
+            list(M.ring),                                        # freed
+            list(range(M.bump, M.total)),                        # never
+            [-1 - i, M.total + i],                               # out of range
+        ][which]
+        if not candidates:
+            return
+        b = candidates[i % len(candidates)]
+        with pytest.raises(ValueError, match=f"block id {b} "):
+            self.m.pool.deallocate(b)
+        assert self.m.pool.release(b) in (ERR_RANGE, ERR_NOT_ALLOCATED,
+                                          ERR_IN_ENTRY)
+
+    # -- the comparison after every step ------------------------------------------
+    @invariant()
+    def agrees_with_model(self):
+        if self.m is None:
+            return
+        m, M = self.m, self.model
+        m.check_invariants()
+        assert list(m) == list(M.entries)
+        assert len(m) == len(M.entries)
+        for k, e in M.entries.items():
+            r = m.peek(k)
+            self.check_entry(r, e, k)
+            assert r.pinned == e.pinned
+        assert m.stats == M.stats()
+        assert m.get_stats() == M.stats()
+        pool = m.pool
+        assert bytes(pool.arena) == bytes(M.arena)
+        assert pool.bump == M.bump
+        ring = [int(pool.ring[(pool.head + i) % pool.total_blocks])
+                for i in range(pool.count)]
+        assert ring == list(M.ring)
+        assert all(pool.state[b] == HELD for b in M.held)
+        got = [(r.key, r.reason, r.size, r.blocks, r.blocks_freed,
+                r.bytes_freed, r.stats_before, r.stats_after) for r in self.got]
+        if self.listen:
+            assert got == M.reports
+        else:
+            assert got == []
+        self.got.clear()
+        M.reports.clear()
+
+
+TestKVMachine = KVMachine.TestCase
+TestKVMachine.settings = settings(
+    max_examples=int(os.environ.get("KVPOOL_MACHINE_EXAMPLES", "120")),
+    stateful_step_count=50, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+# -- Section 1 (cont.): targeted scenarios for the rules the machine checks ----
+
+def test_rules_fifo_reuse_and_bump_order():
+    m = KVCacheManager(8 * 16, 16)
+    for k in "wxyz":
+        m.allocate_entry(k, 16)                       # blocks 0, 1, 2, 3
+    m.allocate_entry("big", 40)                       # blocks 4, 5, 6
+    m.remove_cache_entry("y")                         # ring: 2
+    m.remove_cache_entry("big")                       # ring: 2, 4, 5, 6
+    m.remove_cache_entries(["z", "w"])                # ring: 2, 4, 5, 6, 3, 0
+    # the oldest freed block is reused first, the most recently freed last
+    assert m.allocate_entry("p", 16).blocks.tolist() == [2]
+    assert m.allocate_entries(["q", "r"], [32, 48])[1].blocks.tolist() == [6, 3, 0]
+    assert m.allocate_entry("s", 16).blocks.tolist() == [7]    # ring empty: bump
+    m.check_invariants()
+
+
+def test_rules_lru_never_evicts_pinned_or_resized_entry():
+    m = KVCacheManager(4 * 16, 16, eviction="lru")
+    m.allocate_entry("pinned", 16)
+    m.allocate_entry("grows", 16)
+    m.allocate_entry("old", 16)
+    m.allocate_entry("new", 16)
+    m.pin("pinned")
+    m.touch("new")
+    m.touch("old")                    # LRU order: pinned, grows, new, old
+    # "grows" is the LRU unpinned entry but is the one being resized
+    m.resize_entry("grows", 48)
+    assert list(m) == ["pinned", "grows"] and m.stats.lru_evictions == 2
+    # victims freed in LRU order ("new" = block 3, then "old" = block 2)
+    assert m.peek("grows").blocks.tolist() == [1, 3, 2]
+    # only pinned + the resized entry are left: nothing can be evicted
+    with pytest.raises(PoolExhaustedError) as info:
+        m.resize_entry("grows", 64)
+    assert (info.value.needed, info.value.free) == (1, 0)
+    assert list(m) == ["pinned", "grows"] and m.peek("grows").size == 48
+    m.pin("grows")
+    with pytest.raises(PoolExhaustedError):
+        m.allocate_entry("x", 1)
+    assert list(m) == ["pinned", "grows"] and m.stats.lru_evictions == 2
+    m.unpin("grows")                  # now a new entry may evict it
+    m.allocate_entry("x", 1)
+    assert list(m) == ["pinned", "x"] and m.stats.lru_evictions == 3
+    m.check_invariants()
+
+
+def test_rules_lru_all_or_nothing():
+    m = KVCacheManager(6 * 16, 16, eviction="lru")
+    for k in "abc":
+        m.allocate_entry(k, 32)
+    m.pin("b")
+    before = m.stats
+    # 5 blocks needed, a + c free only 4: evict nothing
+    with pytest.raises(PoolExhaustedError):
+        m.allocate_entries(["x", "y"], [48, 32])
+    assert list(m) == ["a", "b", "c"] and m.stats == before
+    m.check_invariants()
+
+
+def test_rules_zeroing_on_growth_covers_stale_tail_bytes():
+    m = KVCacheManager(4 * 16, 16)
+    m.allocate_entry("e", 16)
+    m.write("e", b"\xff" * 16)
+    m.resize_entry("e", 10)           # same block; bytes 10..15 are stale
+    m.resize_entry("e", 16)
+    assert m.read("e").tolist() == [255] * 10 + [0] * 6
+    m2 = KVCacheManager(4 * 16, 16, zero_on_alloc=False)
+    m2.allocate_entry("e", 16)
+    m2.write("e", b"\xff" * 16)
+    m2.resize_entry("e", 10)
+    m2.resize_entry("e", 16)          # no zeroing: the stale bytes come back
+    assert m2.read("e").tolist() == [255] * 16
+
+
+@pytest.mark.parametrize("op, touches", [
+    (lambda m: m["a"], True),
+    (lambda m: m.get("a"), True),
+    (lambda m: m.touch("a"), True),
+    (lambda m: m.resize_entry("a", 20), True),
+    (lambda m: m.write("a", b"x"), True),     # undocumented (see report)
+    (lambda m: m.read("a"), True),            # undocumented (see report)
+    (lambda m: m.views("a"), True),           # undocumented (see report)
+    (lambda m: m.peek("a"), False),
+    (lambda m: "a" in m, False),
+    (lambda m: list(m), False),
+    (lambda m: len(m), False),
+    (lambda m: m.cache["a"], False),
+    (lambda m: m.pin("a"), False),
+    (lambda m: m.unpin("a"), False),
+    (lambda m: m.stats, False),
+    (lambda m: m.check_invariants(), False),
+], ids=["getitem", "get", "touch", "resize", "write", "read", "views", "peek",
+        "in", "iter", "len", "cache", "pin", "unpin", "stats", "audit"])
+def test_rules_which_operations_change_recency(op, touches):
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entries(["a", "b", "c"], [16, 16, 16])
+    op(m)
+    assert list(m) == (["b", "c", "a"] if touches else ["a", "b", "c"])
+
+
+# =============================================================================
+# Section 2: corrupted state -- one test per kind of invariant in _audit()
+#
+# A known-good manager is corrupted on purpose; check_invariants() must raise
+# AssertionError naming the divergence.
+# =============================================================================
+
+def _corruptible():
+    """16 blocks of 16 bytes, built so that every kind of block exists:
+
+    entries a=[0,1,2] (40 B), c=[4,5] (20 B, pinned), f=[8] (5 B);
+    HELD block 3; free ring [6, 7] at head 1; NEVER 9..15; bump 9.
+    """
+    m = KVCacheManager(16 * 16, 16, eviction="lru")
+    for key, size in [("a", 40), ("b", 16), ("c", 20), ("d", 5), ("e", 5),
+                      ("f", 5)]:
+        m.allocate_entry(key, size)
+    m.remove_cache_entry("b")
+    held = m.pool.allocate()
+    m.remove_cache_entries(["d", "e"])
+    m.pin("c")
+    pool = m.pool
+    assert held == 3 and pool.bump == 9 and (pool.head, pool.count) == (1, 2)
+    assert pool.ring[1:3].tolist() == [6, 7]
+    # (chain_blocks, not entry.blocks: leave the entries' block caches empty)
+    assert [pool.chain_blocks(m.peek(k).block, m.peek(k).n_blocks).tolist()
+            for k in "acf"] == [[0, 1, 2], [4, 5], [8]]
+    assert all(e._blocks is None for e in m.cache.values())
+    m.check_invariants()
+    return m
+
+
+def _corrupt_fake_entry(m):
+    # a second entry sharing f's chain, plus a HELD block re-marked LINK so
+    # that the HEAD/LINK count still equals what the entries claim to own
+    m._cache["z"] = KVPoolEntry("z", 5, 8, 1, m.pool)
+    m._used_memory += 5
+    m._active_entries += 1
+    m.pool.state[3] = LINK
+
+
+def _set(obj, name, value):
+    return lambda m: setattr(obj(m), name, value)
+
+
+_CORRUPTIONS = [
+    # geometry
+    ("block_size", lambda m: setattr(m, "_block_size", 32), r"arena of 256 bytes"),
+    ("arena_len", lambda m: setattr(m, "_arena", m._arena[:-16]), r"arena of 240 bytes"),
+    ("arena_copy", lambda m: setattr(m, "_arena", m._arena.copy()),
+     r"arena view is not the pool's arena"),
+    # pool counters
+    ("head_eq_total", _set(lambda m: m.pool, "head", 16), r"pool counters out of range: head=16"),
+    ("head_negative", _set(lambda m: m.pool, "head", -1), r"pool counters out of range: head=-1"),
+    ("count_gt_bump", _set(lambda m: m.pool, "count", 10), r"pool counters out of range: .*count=10"),
+    ("count_negative", _set(lambda m: m.pool, "count", -1), r"pool counters out of range: .*count=-1"),
+    ("bump_gt_total", _set(lambda m: m.pool, "bump", 17), r"pool counters out of range: .*bump=17"),
+    ("peak_below_used", _set(lambda m: m.pool, "peak_used", 6), r"peak_used=6 is not within \[used_blocks=7, 16\]"),
+    ("peak_above_total", _set(lambda m: m.pool, "peak_used", 17), r"peak_used=17 is not within"),
+    # block states
+    ("never_below_bump", lambda m: m.pool.state.__setitem__(3, NEVER), r"NEVER blocks .* bump=9"),
+    ("never_shifted", lambda m: (m.pool.state.__setitem__(3, NEVER),
+                                 m.pool.state.__setitem__(9, HELD)), r"NEVER blocks \[3, 10"),
+    ("used_above_bump", lambda m: m.pool.state.__setitem__(12, HELD), r"NEVER blocks .* bump=9"),
+    ("unknown_state", lambda m: m.pool.state.__setitem__(3, 9), r"unknown block state at \[3\]"),
+    # the free ring
+    ("ring_out_of_range", lambda m: m.pool.ring.__setitem__(2, 99), r"out-of-range ids \[99\]"),
+    ("ring_negative", lambda m: m.pool.ring.__setitem__(1, -1), r"out-of-range ids \[-1\]"),
+    ("ring_duplicate", lambda m: m.pool.ring.__setitem__(2, 6), r"free list holds a block twice"),
+    ("ring_holds_held", lambda m: m.pool.ring.__setitem__(2, 3), r"non-free blocks \[3\]"),
+    ("ring_holds_entry_block", lambda m: m.pool.ring.__setitem__(1, 0), r"non-free blocks \[0\]"),
+    ("free_not_in_ring", lambda m: m.pool.state.__setitem__(3, FREE), r"3 blocks are FREE but the free list holds 2"),
+    ("ring_count_short", lambda m: (setattr(m.pool, "count", 1),
+                                    setattr(m.pool, "bump", 8),
+                                    m.pool.state.__setitem__(8, NEVER)), r"are FREE but the free list holds 1"),
+    # entries and chains
+    ("entry_key", _set(lambda m: m._cache["a"], "key", "zz"), r"cache slot 'a' holds .*key or pool mismatch"),
+    ("entry_pool", _set(lambda m: m._cache["a"], "_pool", None), r"cache slot 'a' holds"),
+    ("entry_size_zero", _set(lambda m: m._cache["f"], "size", 0), r"entry 'f' has size 0"),
+    ("entry_size_float", _set(lambda m: m._cache["f"], "size", 5.0), r"entry 'f' has size 5.0"),
+    ("entry_size_bool", _set(lambda m: m._cache["f"], "size", True), r"entry 'f' has size True"),
+    ("entry_n_blocks", _set(lambda m: m._cache["a"], "size", 50), r"entry 'a': n_blocks=3 != ceil\(size=50 / 16\)"),
+    ("chain_not_ended", lambda m: m.pool.link.__setitem__(2, 4), r"entry 'a': chain from block 0 is not 3 blocks"),
+    ("chain_link_out_of_range", lambda m: m.pool.link.__setitem__(0, 99), r"entry 'a': chain from block 0"),
+    ("chain_link_to_free", lambda m: m.pool.link.__setitem__(0, 6), r"entry 'a': chain from block 0"),
+    ("chain_head_wrong_state", lambda m: m.pool.state.__setitem__(0, LINK), r"entry 'a': chain from block 0"),
+    ("entry_head_moved", _set(lambda m: m._cache["c"], "block", 5), r"entry 'c': chain from block 5"),
+    ("cached_blocks", lambda m: setattr(m._cache["a"], "_blocks", np.array([0, 1, 3])),
+     r"entry 'a': cached blocks \[0, 1, 3\] != chain \[0, 1, 2\]"),
+    ("orphan_link_block", lambda m: m.pool.state.__setitem__(3, LINK),
+     r"7 blocks are in chains but live entries own 6: shared \[\], orphaned \[3\]"),
+    ("leaked_entry", lambda m: m._cache.pop("c"), r"6 blocks are in chains but live entries own 4"),
+    ("overlapping_entries", lambda m: m._cache.__setitem__("a2", KVPoolEntry("a2", 40, 0, 3, m.pool)),
+     r"6 blocks are in chains but live entries own 9"),
+    ("head_count", _corrupt_fake_entry, r"live entries own 7: shared \[8\], orphaned \[3\]"),
+    # manager counters
+    ("active_entries", lambda m: setattr(m, "_active_entries", 4), r"active_entries=4 != len\(cache\)=3"),
+    ("used_memory", lambda m: setattr(m, "_used_memory", 64), r"used_memory=64 != sum of entry sizes 65"),
+    ("pinned_count", lambda m: setattr(m, "_pinned_entries", 0), r"pinned_entries=0 != pinned entries 1"),
+    ("pinned_flag", _set(lambda m: m._cache["a"], "pinned", True), r"pinned_entries=1 != pinned entries 2"),
+    ("pinned_lru_evicted", lambda m: setattr(m, "_pinned_lru_evictions", 1), r"1 pinned entries were evicted by LRU"),
+    ("negative_allocations", lambda m: setattr(m, "_allocations", -1), r"negative or unknown counters"),
+    ("negative_hits", lambda m: setattr(m, "_hits", -1), r"negative or unknown counters.*hits=-1"),
+    ("negative_misses", lambda m: setattr(m, "_misses", -2), r"negative or unknown counters.*misses=-2"),
+    ("negative_evictions", lambda m: m._evictions.__setitem__("lru", -1), r"negative or unknown counters: evictions=.*'lru': -1"),
+    ("unknown_reason", lambda m: m._evictions.__setitem__("oops", 0), r"negative or unknown counters: evictions=.*'oops'"),
+    ("missing_reason", lambda m: m._evictions.pop("clear"), r"negative or unknown counters"),
+]
+
+
+@pytest.mark.parametrize("corrupt, message", [c[1:] for c in _CORRUPTIONS],
+                         ids=[c[0] for c in _CORRUPTIONS])
+def test_corrupted_state_is_detected(corrupt, message):
+    m = _corruptible()
+    corrupt(m)
+    with pytest.raises(AssertionError, match=message):
+        m.check_invariants()
+
+
+_NEEDS_ASSERTS = pytest.mark.skipif(
+    sys.flags.optimize > 0,
+    reason="relies on kvpool's internal assert statements (stripped by -O)")
+
+
+@_NEEDS_ASSERTS
+def test_corrupted_state_detected_by_get_stats():
+    m = _corruptible()
+    m._active_entries += 1
+    with pytest.raises(AssertionError, match=r"active_entries=4 != len\(cache\)=3"):
+        m.get_stats()
+    m = _corruptible()
+    m._used_memory = 16 * 16 * 2
+    with pytest.raises(AssertionError, match=r"used_memory=512 > used_blocks"):
+        m.get_stats()
+
+
+def test_corrupted_snapshot_is_refused_by_load(tmp_path):
+    # the audit also guards load(): a snapshot of a corrupted manager
+    m = _corruptible()
+    m.pool.ring[2] = 6                       # duplicate id in the free ring
+    path = tmp_path / "bad.npz"
+    m.save(path)
+    with pytest.raises(ValueError, match="inconsistent snapshot: free list holds a block twice"):
+        KVCacheManager.load(path)
+    with pytest.raises(ValueError, match="inconsistent snapshot"):
+        pickle.loads(pickle.dumps(m))
+
+
+def test_corrupted_overlapping_chains_with_orphan_are_detected():
+    m = _corruptible()
+    # a's chain 0 -> 1 -> 2 now runs 0 -> 1 -> 5, sharing block 5 with c's
+    # chain 4 -> 5; block 2 is left as an orphaned LINK block.  The counts
+    # (HEAD+LINK blocks == blocks owned) still agree.
+    m.pool.link[1] = 5
+    with pytest.raises(AssertionError, match=r"shared \[5\], orphaned \[2\]"):
+        m.check_invariants()
+
+
+# =============================================================================
+# Section 3: bad-input matrix
+#
+# Every public function and constructor argument gets None, bools, floats
+# (1.5, nan, inf), negatives, zero, huge ints, strings, unhashable keys, wrong
+# arrays and bad block ids.  Each bad call must raise the documented type,
+# name the bad value in its message, and leave the manager exactly as it was
+# (stats, arena bytes, pool arrays and counters, entries, LRU order, audit).
+# numpy integer scalars are VALID sizes/ids/offsets and must be accepted.
+# =============================================================================
+
+NAN, INF = float("nan"), float("inf")
+_NOT_INTS = [None, True, False, 1.5, NAN, INF, -INF, "2", b"2", [1],
+             np.float64(2.0), np.bool_(True), 2 + 0j]
+
+
+# (id, call, exception type, text the message must contain, stats delta)
+_BAD_CALLS = []
+
+
+def _bad(id_, call, exc, text=None, **delta):
+    _BAD_CALLS.append(pytest.param(call, exc, text, delta, id=id_))
+
+
+for v in _NOT_INTS:
+    _bad(f"allocate_entry-size-{v!r}", lambda m, v=v: m.allocate_entry("new", v), TypeError, str(v))
+    _bad(f"allocate_entries-size-{v!r}", lambda m, v=v: m.allocate_entries(["x", "y"], [16, v]), TypeError, str(v))
+    _bad(f"resize_entry-size-{v!r}", lambda m, v=v: m.resize_entry("a", v), TypeError, str(v))
+    _bad(f"write-offset-{v!r}", lambda m, v=v: m.write("a", b"z", v), TypeError, str(v))
+    _bad(f"read-offset-{v!r}", lambda m, v=v: m.read("a", np.uint8, v), TypeError, str(v))
+    _bad(f"read-count-{v!r}", lambda m, v=v: m.read("a", np.uint8, 0, v), TypeError, str(v))
+    _bad(f"block_view-{v!r}", lambda m, v=v: m.block_view(v), TypeError, str(v))
+
+for v in [-1, 0, -(2 ** 63), 2 ** 63, 2 ** 64 + 1, 257, np.int64(-3), np.int64(0)]:
+    _bad(f"allocate_entry-size-{v!r}", lambda m, v=v: m.allocate_entry("new", v), ValueError, str(v))
+    _bad(f"allocate_entries-size-{v!r}", lambda m, v=v: m.allocate_entries(["x", "y"], [16, v]), ValueError, str(v))
+    _bad(f"resize_entry-size-{v!r}", lambda m, v=v: m.resize_entry("a", v), ValueError, str(v))
+
+for v in [-1, 41, 2 ** 63, 2 ** 64 + 1, -(2 ** 63), np.int64(-1)]:
+    _bad(f"write-offset-{v!r}", lambda m, v=v: m.write("a", b"", v), ValueError, str(v))
+    _bad(f"read-offset-{v!r}", lambda m, v=v: m.read("a", np.uint8, v), ValueError, str(v))
+    _bad(f"block_view-{v!r}", lambda m, v=v: m.block_view(v), ValueError, str(v))
+for v in [16, 17]:
+    _bad(f"block_view-{v!r}", lambda m, v=v: m.block_view(v), ValueError, f"block id {v} is out of range")
+for v in [-2, -(2 ** 63), np.int64(-5)]:
+    _bad(f"read-count-{v!r}", lambda m, v=v: m.read("a", np.uint8, 0, v), ValueError, str(v))
+for v, nbytes in [(41, 41), (2 ** 63, 2 ** 63), (2 ** 64 + 1, 2 ** 64 + 1)]:
+    _bad(f"read-count-{v!r}", lambda m, v=v: m.read("a", np.uint8, 0, v), ValueError, f"{nbytes} bytes")
+
+# keys: unhashable, absent, already live
+for name, call in [
+        ("allocate_entry", lambda m, k: m.allocate_entry(k, 16)),
+        ("allocate_entries", lambda m, k: m.allocate_entries(["x", k], [16, 16])),
+        ("resize_entry", lambda m, k: m.resize_entry(k, 16)),
+        ("remove_cache_entry", lambda m, k: m.remove_cache_entry(k)),
+        ("remove_cache_entries", lambda m, k: m.remove_cache_entries(["a", k])),
+        ("getitem", lambda m, k: m[k]), ("get", lambda m, k: m.get(k)),
+        ("peek", lambda m, k: m.peek(k)), ("contains", lambda m, k: k in m),
+        ("touch", lambda m, k: m.touch(k)), ("pin", lambda m, k: m.pin(k)),
+        ("unpin", lambda m, k: m.unpin(k)),
+        ("write", lambda m, k: m.write(k, b"z")), ("read", lambda m, k: m.read(k)),
+        ("views", lambda m, k: m.views(k))]:
+    for k in ([1], {"a": 1}, {2}, bytearray(b"k")):
+        _bad(f"{name}-key-{k!r}", lambda m, call=call, k=k: call(m, k), TypeError, str(k))
+    if name not in ("allocate_entry", "allocate_entries", "remove_cache_entry",
+                    "remove_cache_entries", "get", "peek", "contains"):
+        for k in ("zz", None, 0, CacheKey("a", 0), ("a",)):
+            delta = {"misses": 1} if name == "getitem" else {}
+            _bad(f"{name}-absent-{k!r}", lambda m, call=call, k=k: call(m, k), KeyError, repr(k), **delta)
+for k in ("a", "b"):
+    _bad(f"allocate_entry-live-{k}", lambda m, k=k: m.allocate_entry(k, 16), KeyError, repr(k))
+    _bad(f"allocate_entries-live-{k}", lambda m, k=k: m.allocate_entries(["x", k], [16, 16]), KeyError, repr(k))
+_bad("allocate_entries-twice", lambda m: m.allocate_entries(["x", "y", "x"], [16, 16, 16]), KeyError, "'x' appears twice")
+_bad("allocate_entries-twice-equal-keys", lambda m: m.allocate_entries([1, 1.0], [16, 16]), KeyError, "appears twice")
+
+# pool exhaustion (eviction "none"): 11 blocks free
+_bad("allocate_entry-exhausted", lambda m: m.allocate_entry("new", 256), PoolExhaustedError, "need 16 blocks but only 11")
+_bad("allocate_entries-exhausted", lambda m: m.allocate_entries(["x", "y"], [128, 64]), PoolExhaustedError, "need 12 blocks but only 11")
+_bad("allocate_entries-over-total", lambda m: m.allocate_entries(["x", "y"], [256, 16]), PoolExhaustedError, "need 17 blocks")
+_bad("resize_entry-exhausted", lambda m: m.resize_entry("a", 256), PoolExhaustedError, "need 13 blocks but only 11")
+
+# allocate_entries / remove_cache_entries containers
+_bad("allocate_entries-keys-None", lambda m: m.allocate_entries(None, []), TypeError)
+_bad("allocate_entries-sizes-None", lambda m: m.allocate_entries([], None), TypeError)
+_bad("allocate_entries-keys-int", lambda m: m.allocate_entries(5, [1]), TypeError)
+_bad("allocate_entries-lengths", lambda m: m.allocate_entries(["x"], [16, 16]), ValueError, "got 1 keys but 2 sizes")
+_bad("allocate_entries-lengths-2", lambda m: m.allocate_entries(["x", "y"], [16]), ValueError, "got 2 keys but 1 sizes")
+_bad("allocate_entries-names-index", lambda m: m.allocate_entries(["x", "y", "z"], [1, 2, -7]), ValueError, "sizes[2] must be positive, got -7")
+_bad("remove_cache_entries-None", lambda m: m.remove_cache_entries(None), TypeError)
+_bad("remove_cache_entries-int", lambda m: m.remove_cache_entries(7), TypeError)
+
+# write data sources that are not bytes
+for data, text in [(None, "NoneType"), (1.5, "float"), ("text", "str"), ([1, 2], "list"),
+                   (np.uint8(3), "uint8"), (7, "int"), (iter(b"ab"), "bytes_iterator"),
+                   (np.array([object()]), "object"), (np.array([b"x", None], dtype=object), "object")]:
+    _bad(f"write-data-{type(data).__name__}", lambda m, d=data: m.write("a", d), TypeError, text)
+_bad("write-too-long", lambda m: m.write("a", b"z" * 41), ValueError, "41 bytes at offset 0")
+_bad("write-too-long-at-offset", lambda m: m.write("a", np.zeros(10, np.uint32), 1), ValueError, "40 bytes at offset 1")
+_bad("write-past-end", lambda m: m.write("a", b"zz", 39), ValueError, "2 bytes at offset 39")
+
+# read dtypes and shapes
+for dt, text in [("foo", "foo"), (1.5, "1.5"), (object, "object"), ("O", "object"),
+                 ("V0", "V0"), ([1], "1"), ("S0", "S")]:
+    _bad(f"read-dtype-{dt!r}", lambda m, dt=dt: m.read("a", dt), TypeError, text)
+_bad("read-indivisible", lambda m: m.read("a", np.uint32, 1), ValueError, "39 bytes from offset 1")
+_bad("read-count-too-many", lambda m: m.read("a", np.uint64, 0, 6), ValueError, "48 bytes at offset 0")
+
+# constructors are checked by test_bad_constructor_args below
+
+# the pool's block API: bad ids for deallocate/deallocate_n (ValueError)
+for b, text in [(-1, "block id -1 is out of range [0, 16)"),
+                (16, "block id 16 is out of range [0, 16)"),
+                (2 ** 40, f"block id {2 ** 40} is out of range"),
+                (5, "block id 5 is not allocated"),       # freed
+                (10, "block id 10 is not allocated"),     # never handed out
+                (0, "block id 0 belongs to a cache entry"),   # entry head
+                (2, "block id 2 belongs to a cache entry"),   # entry link
+                (3, "block id 3 belongs to a cache entry"),   # pinned entry
+                (np.int64(5), "block id 5 is not allocated")]:
+    _bad(f"pool.deallocate-{b!r}", lambda m, b=b: m.pool.deallocate(b), ValueError, text)
+for ids, text in [([4, 4], "block id 4 appears twice"),
+                  ([4, 0], "block id 0 belongs to a cache entry"),
+                  ([4, 5], "block id 5 is not allocated"),
+                  ([4, 99], "block id 99 is out of range"),
+                  ([-7, 4], "block id -7 is out of range")]:
+    _bad(f"pool.deallocate_n-{ids}", lambda m, ids=ids: m.pool.deallocate_n(np.array(ids, np.int64)), ValueError, text)
+
+
+@pytest.mark.parametrize("call, exc, text, delta", _BAD_CALLS)
+def test_bad_input_leaves_manager_unchanged(call, exc, text, delta):
+    m = _victim()
+    before = _freeze(m)
+    with pytest.raises(exc) as info:
+        call(m)
+    assert type(info.value) is exc             # exactly, not some subclass
+    if text is not None:
+        assert text in str(info.value), (text, str(info.value))
+    _assert_unchanged(m, before, **delta)
+
+
+@pytest.mark.parametrize("call, result, delta", [
+    pytest.param(lambda m: m.remove_cache_entry("zz"), None, {}, id="remove-absent"),
+    pytest.param(lambda m: m.remove_cache_entry(None), None, {}, id="remove-None"),
+    pytest.param(lambda m: m.remove_cache_entries([]), [], {}, id="remove-batch-empty"),
+    pytest.param(lambda m: m.remove_cache_entries(["zz", None]), [None, None], {}, id="remove-batch-absent"),
+    pytest.param(lambda m: m.allocate_entries([], []), [], {}, id="allocate-batch-empty"),
+    pytest.param(lambda m: m.get("zz"), None, {"misses": 1}, id="get-absent"),
+    pytest.param(lambda m: m.get("zz", 7), 7, {"misses": 1}, id="get-default"),
+    pytest.param(lambda m: m.peek("zz", 7), 7, {}, id="peek-absent"),
+    pytest.param(lambda m: "zz" in m, False, {}, id="contains-absent"),
+    pytest.param(lambda m: m.pool.release(-1), ERR_RANGE, {}, id="release-range"),
+    pytest.param(lambda m: m.pool.release(16), ERR_RANGE, {}, id="release-range-16"),
+    pytest.param(lambda m: m.pool.release(5), ERR_NOT_ALLOCATED, {}, id="release-freed"),
+    pytest.param(lambda m: m.pool.release(12), ERR_NOT_ALLOCATED, {}, id="release-never"),
+    pytest.param(lambda m: m.pool.release(1), ERR_IN_ENTRY, {}, id="release-entry"),
+    pytest.param(lambda m: m.pool.release_n(np.array([4, 4])), ERR_DUPLICATE, {}, id="release_n-dup"),
+    pytest.param(lambda m: m.pool.release_n(np.array([4, 3])), ERR_IN_ENTRY, {}, id="release_n-entry"),
+    pytest.param(lambda m: m.pool.release_n(np.array([4, 16])), ERR_RANGE, {}, id="release_n-range"),
+])
+def test_no_op_calls_leave_manager_unchanged(call, result, delta):
+    m = _victim()
+    before = _freeze(m)
+    assert call(m) == result
+    _assert_unchanged(m, before, **delta)
+
+
+def test_empty_write_and_read_change_only_recency():
+    # writing/reading zero bytes (even at offset == size) is allowed; it still
+    # makes the entry most recently used, like any write/read
+    m = _victim()
+    before = _freeze(m)
+    m.write("a", b"", 40)
+    m.write("a", np.zeros(0, np.float64), 0)
+    assert list(m) == ["b", "a"]
+    m.touch("b")
+    assert m.read("a", np.uint8, 40).size == 0          # empty read at the end
+    assert m.read("a", np.float64, 3, 0).size == 0      # count 0
+    assert list(m) == ["b", "a"]
+    m.touch("b")
+    _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("kwargs, exc, text", [
+    *[({"total_size": v}, TypeError, str(v)) for v in _NOT_INTS],
+    *[({"block_size": v}, TypeError, str(v)) for v in _NOT_INTS],
+    ({"total_size": -1}, ValueError, "-1"),
+    ({"total_size": 0}, ValueError, "total_size 0 is smaller than one block"),
+    ({"total_size": 15, "block_size": 16}, ValueError, "total_size 15"),
+    ({"block_size": 0}, ValueError, "block_size must be positive, got 0"),
+    ({"block_size": -16}, ValueError, "-16"),
+    ({"block_size": 2 ** 63}, ValueError, str(2 ** 63)),
+    ({"block_size": 2 ** 64 + 1}, ValueError, str(2 ** 64 + 1)),
+    ({"total_size": -(2 ** 63)}, ValueError, str(-(2 ** 63))),
+    ({"eviction": None}, ValueError, "None"),
+    ({"eviction": "LRU"}, ValueError, "'LRU'"),
+    ({"eviction": "fifo"}, ValueError, "'fifo'"),
+    ({"eviction": True}, ValueError, "True"),
+    ({"eviction": 1.5}, ValueError, "1.5"),
+    ({"eviction": ["lru"]}, ValueError, "['lru']"),
+    ({"zero_on_alloc": None}, TypeError, "None"),
+    ({"zero_on_alloc": 1}, TypeError, "1"),
+    ({"zero_on_alloc": "yes"}, TypeError, "'yes'"),
+    ({"on_evict": 1}, TypeError, "1"),
+    ({"on_evict": "print"}, TypeError, "'print'"),
+    ({"buffer": b"\0" * 256}, TypeError, "bytes"),
+    ({"buffer": [0] * 256}, TypeError, "list"),
+    ({"buffer": np.zeros(256, np.int8)}, TypeError, "int8"),
+    ({"buffer": np.zeros(64, np.float32)}, TypeError, "float32"),
+    ({"buffer": np.zeros(512, np.uint8)[::2]}, ValueError, "C-contiguous"),
+    ({"buffer": np.zeros((16, 32), np.uint8)[:, :16]}, ValueError, "C-contiguous"),
+    ({"buffer": np.frombuffer(b"\0" * 256, np.uint8)}, ValueError, "writable"),
+    ({"buffer": np.zeros(255, np.uint8)}, ValueError, "holds 255 bytes, fewer than total_size 256"),
+], ids=repr)
+def test_bad_constructor_args(kwargs, exc, text):
+    args = {"total_size": 256, "block_size": 16, **kwargs}
+    with pytest.raises(exc) as info:
+        KVCacheManager(args.pop("total_size"), args.pop("block_size"), **args)
+    assert text in str(info.value), (text, str(info.value))
+
+
+@pytest.mark.parametrize("total_size, block_size", [
+    (2 ** 63, 64), (2 ** 64 + 1, 64), (2 ** 63, 2 ** 63)], ids=repr)
+def test_constructor_rejects_impossible_sizes_naming_them(total_size, block_size):
+    with pytest.raises(ValueError, match=str(total_size)):
+        KVCacheManager(total_size, block_size)
+
+
+def test_constructor_impossible_sizes_raise_something():
+    # whatever the type, these must not build a manager (and must not try to
+    # allocate exabytes)
+    for total_size, block_size in [(2 ** 63, 64), (2 ** 64 + 1, 64)]:
+        with pytest.raises(Exception):
+            KVCacheManager(total_size, block_size)
+
+
+def test_valid_numpy_integer_scalars_are_accepted():
+    m = KVCacheManager(np.int64(256), np.uint8(16), eviction="lru")
+    assert m.block_size == 16 and type(m.stats.total_capacity) is int
+    e1 = m.allocate_entry("x", np.int64(2))
+    e2 = m.allocate_entry("y", np.uint8(1))
+    e3, e4 = m.allocate_entries(["p", "q"], [np.int16(20), np.uint64(3)])
+    for e, size in [(e1, 2), (e2, 1), (e3, 20), (e4, 3)]:
+        assert e.size == size and type(e.size) is int
+    m.resize_entry("p", np.int64(33))
+    assert m.peek("p").size == 33 and m.peek("p").n_blocks == 3
+    m.write("p", b"\x07", np.uint8(1))
+    assert m.read("p", np.uint8, np.int64(1), np.uint8(1)).tolist() == [7]
+    assert m.block_view(np.int64(3)).shape == (16,)
+    held = m.pool.allocate()
+    m.pool.deallocate(np.int64(held))
+    held = m.pool.allocate()
+    m.pool.deallocate(np.uint8(held))
+    assert m.stats.used_memory == 2 + 1 + 33 + 3
+    assert all(type(v) in (int, float) for v in m.stats.to_dict().values())
+    m.check_invariants()
+    loaded = pickle.loads(pickle.dumps(m))
+    assert loaded == m
+
+
+@pytest.mark.parametrize("data", [
+    np.arange(5, dtype=np.uint16),                          # other dtype
+    np.arange(5, dtype=">u4"),                              # big-endian
+    np.arange(12, dtype=np.uint8)[::3],                     # non-contiguous
+    np.asfortranarray(np.arange(6, dtype=np.uint8).reshape(2, 3)),  # F order
+    np.arange(6, dtype=np.int8).reshape(2, 3),              # 2-D
+    np.frombuffer(b"readonly", np.uint8),                   # read-only
+    np.array([True, False, True]),                          # bool
+    np.array(7, np.uint32),                                 # 0-d
+    memoryview(np.arange(4, dtype=np.int32)),               # typed memoryview
+    memoryview(b"abcdef")[::2],                             # strided memoryview
+], ids=["u16", ">u4", "strided", "fortran", "2d", "readonly", "bool", "0d",
+        "mv-i4", "mv-strided"])
+def test_write_accepts_any_array_as_raw_bytes(data):
+    m = _victim()
+    raw = np.ascontiguousarray(np.asarray(data)).tobytes()
+    m.write("a", data, 3)
+    assert m.read("a", np.uint8, 3, len(raw)).tobytes() == raw
+    assert m.read("a", np.uint8, 0, 3).tolist() == [1, 2, 3]      # untouched
+    m.check_invariants()
+
+
+@pytest.mark.parametrize("ids", [
+    np.array([4], np.int32), np.array([9, 4, 9], np.int64)[1:2],
+    np.frombuffer(np.array([4], np.int64).tobytes(), np.int64)],
+    ids=["int32", "strided-view", "readonly"])
+def test_pool_deallocate_n_accepts_other_integer_arrays(ids):
+    m = _victim()
+    m.pool.deallocate_n(ids)
+    assert m.pool.state[4] == FREE and m.stats.used_blocks == 4
+    m.check_invariants()
+
+
+# Ids that are not int64-sized integers.  Calls that would make numba compile
+# a uint64 specialization of the pool's methods (Python ints >= 2**63) are run
+# in a fresh interpreter only: such a specialization changes how every later
+# call in the same process is dispatched (see
+# test_pool_huge_ids_do_not_poison_later_calls).
+_ODD_IDS = [1.5, True, False, np.float64(4.0), np.bool_(True), NAN, None, "4",
+            [4], 4 + 0j]
+
+
+@pytest.mark.parametrize("bad", _ODD_IDS, ids=repr)
+@pytest.mark.parametrize("method", ["deallocate", "release"])
+def test_pool_odd_ids_free_nothing(method, bad):
+    # held block 4; 1.5/True/4.0 must not free (or truncate to) any block
+    m = _victim()
+    m.pool.allocate()                  # also hold block 5 (True -> 1 is LINK)
+    before = _freeze(m)
+    with pytest.raises(Exception):
+        getattr(m.pool, method)(bad)
+    _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("ids", [
+    np.array([4.0]), np.array([True]), np.array([[4]], np.int64), [4], (4,),
+    np.array([4], np.uint64)[:0].astype(np.float32)],
+    ids=["float", "bool", "2d", "list", "tuple", "empty-float32"])
+@pytest.mark.parametrize("method", ["deallocate_n", "release_n"])
+def test_pool_odd_id_arrays_free_nothing(method, ids):
+    m = _victim()
+    before = _freeze(m)
+    try:
+        result = getattr(m.pool, method)(ids)
+    except Exception:
+        pass
+    else:
+        # only an empty array may be accepted, freeing nothing
+        assert len(ids) == 0 and result in (None, OK)
+    _assert_unchanged(m, before)
+
+
+_HUGE_IDS_SCRIPT = r"""
+import json, kvpool
+m = kvpool.KVCacheManager(16 * 16, 16)
+held = m.pool.allocate()
+out = []
+for bad in [2 ** 63, -1, 2 ** 64 + 1, -(2 ** 63) - 1, float("inf"), 16]:
+    try:
+        m.pool.deallocate(bad)
+        out.append([repr(bad), "no error", ""])
+    except Exception as exc:
+        out.append([repr(bad), type(exc).__name__, str(exc)[:200]])
+m.check_invariants()
+assert m.pool.state[held] == kvpool.HELD
+print(json.dumps(out))
+"""
+
+
+def _huge_ids_outcome():
+    rc, out, err = _run_fresh(_HUGE_IDS_SCRIPT)
+    assert rc == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_pool_huge_ids_free_nothing_in_a_fresh_process():
+    # whatever is raised, every call raises and the held block stays held
+    # (asserted inside the script)
+    assert all(exc != "no error" for _, exc, _ in _huge_ids_outcome())
+
+
+_MATRIX_SCRIPT = r"""
+import numpy as np, kvpool
+m = kvpool.KVCacheManager(16 * 16, 16)
+m.allocate_entry("w", 16)
+try:
+    m.write("w", np.matrix([[1, 2, 3]], dtype=np.uint8))
+    print("written", m.read("w", np.uint8, 0, 4).tolist())
+except (TypeError, ValueError) as exc:
+    print("refused", type(exc).__name__, m.read("w", np.uint8, 0, 4).tolist())
+m.check_invariants()
+"""
+
+
+def test_write_numpy_matrix_writes_its_raw_bytes():
+    # Regression (fixed in 97194f9): at e1bb01b, JIT mode handed the 2-D
+    # np.matrix that _as_bytes let through (matrix.reshape(-1) stays 2-D) to a
+    # fixed-signature compiled entry point: SIGSEGV, the interpreter died.
+    # NUMBA_DISABLE_JIT raised "setting an array element with a sequence".
+    # Run in a fresh interpreter so that a regression cannot kill the suite.
+    rc, out, err = _run_fresh(_MATRIX_SCRIPT)
+    assert rc == 0, f"interpreter died with {rc}: {err[-500:]}"
+    assert "written [1, 2, 3, 0]" in out, out
+
+
+@pytest.mark.parametrize("sizes", [np.array([[16, -40]]), np.array([[16, 0]]),
+                                   np.array(-16), np.array([[16, 257]])],
+                         ids=["2d-negative", "2d-zero", "0d-negative", "2d-huge"])
+def test_allocate_entries_checks_sizes_of_any_array_shape(sizes):
+    # Regression (fixed in 97194f9): a sizes array that was not 1-D skipped
+    # the range checks: non-positive sizes ended in an internal
+    # "AssertionError: blocks vanished" (under python -O: [] returned and
+    # used_memory corrupted), oversized ones in PoolExhaustedError.
+    m = _victim()
+    before = _freeze(m)
+    keys = ["x", "y"][:sizes.size]
+    with pytest.raises(ValueError, match="sizes"):
+        m.allocate_entries(keys, sizes)
+    _assert_unchanged(m, before)
+
+
+def test_write_released_memoryview_raises_type_error_and_writes_nothing():
+    m = _victim()
+    before = _freeze(m)
+    mv = memoryview(bytearray(b"abc"))
+    mv.release()
+    with pytest.raises((TypeError, ValueError)):
+        m.write("a", mv)
+    _assert_unchanged(m, before)
+
+
+# -- Section 3 (cont.): value types, removed entries, snapshots ---------------
+
+def test_removed_entry_blocks_follow_the_documented_rule():
+    m = KVCacheManager(8 * 16, 16)                     # no listener
+    unread = m.allocate_entry("unread", 40)
+    read = m.allocate_entry("read", 40)
+    single = m.allocate_entry("single", 10)
+    assert read.blocks.tolist() == [3, 4, 5]
+    for key in ("unread", "read", "single"):
+        m.remove_cache_entry(key)
+    with pytest.raises(ValueError, match="'unread' was removed before its blocks were read"):
+        unread.blocks
+    assert read.blocks.tolist() == [3, 4, 5] and single.blocks.tolist() == [6]
+    assert (unread.key, unread.size, unread.block, unread.n_blocks) == ("unread", 40, 0, 3)
+    # an eviction report always carries them
+    got = []
+    m.add_eviction_listener(got.append)
+    m.allocate_entry("r2", 33)
+    m.remove_cache_entries(["r2"])
+    assert got[0].blocks == (0, 1, 2) and got[0].blocks_freed == 3
+    m.check_invariants()
+
+
+def test_removed_entries_compare_without_raising():
+    m = KVCacheManager(8 * 16, 16)
+    e = m.allocate_entry("x", 40)
+    m.remove_cache_entry("x")
+    assert (e == e) is True
+    assert [e] == [e]
+
+
+@pytest.mark.parametrize("roundtrip", [lambda e: pickle.loads(pickle.dumps(e)),
+                                       copy.deepcopy], ids=["pickle", "deepcopy"])
+def test_pool_exhausted_error_round_trips(roundtrip):
+    m = KVCacheManager(2 * 16, 16)
+    m.allocate_entry("x", 32)
+    with pytest.raises(PoolExhaustedError) as info:
+        m.allocate_entry("y", 1)
+    e = roundtrip(info.value)
+    assert (e.needed, e.free, str(e)) == (info.value.needed, info.value.free,
+                                          str(info.value))
+
+
+def _tampered_snapshot(tmp_path, meta_changes=None, array_changes=None):
+    m = _victim()
+    src = tmp_path / "good.npz"
+    m.save(src)
+    with np.load(src) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    meta.update(meta_changes or {})
+    arrays.update(array_changes or {})
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    return bad
+
+
+@pytest.mark.parametrize("changes", [
+    {"allocations": 2.5}, {"hits": True}, {"misses": 1e300},
+    {"evictions": {"manual": 0.5, "lru": 0, "clear": 0}}], ids=repr)
+def test_load_refuses_non_integer_counters(tmp_path, changes):
+    with pytest.raises(ValueError):
+        KVCacheManager.load(_tampered_snapshot(tmp_path, meta_changes=changes))
+
+
+@pytest.mark.parametrize("column, value", [
+    ("heads", np.array([0.0, 3.0])), ("n_blocks", np.array([3.0, 1.0]))],
+    ids=["heads", "n_blocks"])
+def test_load_refuses_float_entry_columns(tmp_path, column, value):
+    bad = _tampered_snapshot(tmp_path, array_changes={column: value})
+    with pytest.raises(ValueError):
+        KVCacheManager.load(bad)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"format": 2}, "snapshot format 2"),
+    ({"head": -1}, "pool counters out of range"),
+    ({"count": 1.0}, "counter 'count'"),
+    ({"bump": 2 ** 70}, "inconsistent snapshot"),
+    ({"eviction": "fifo"}, "eviction must be one of"),
+    ({"block_size": 32}, "do not match an arena"),
+    ({"evictions": {"manual": 0}}, "inconsistent snapshot"),
+    ({"keys": [{"str": "a"}, {"str": "a"}]}, "inconsistent snapshot"),
+    ({"keys": [{"str": "a"}, {"float": 1.5}]}, "malformed key"),
+], ids=repr)
+def test_load_refuses_tampered_meta(tmp_path, changes, match):
+    with pytest.raises(ValueError, match=match):
+        KVCacheManager.load(_tampered_snapshot(tmp_path, meta_changes=changes))
+
+
+# =============================================================================
+# Section 4: threads -- one manager shared by 4 threads x 20,000 mixed ops
+#
+# Keys are partly private to a thread, partly shared.  Only the documented
+# exceptions are expected: KeyError (a shared key another thread removed or
+# already made live; a private key the LRU policy evicted) and
+# PoolExhaustedError.  Private keys also check bytes: the first byte of a
+# private entry is what its thread last wrote (0 after allocation).
+# =============================================================================
+
+_THREADS = 4
+_THREAD_OPS = int(os.environ.get("KVPOOL_THREAD_OPS", "20000"))
+
+
+def _thread_worker(m, tid, n_ops, shared, failures):
+    rng = random.Random(1000 + tid)
+    own = [CacheKey(f"t{tid}", i) for i in range(8)]
+    expect = {}                     # private key -> expected byte 0, or None
+    try:
+        for i in range(n_ops):
+            private = rng.random() < 0.7
+            key = rng.choice(own) if private else rng.choice(shared)
+            op = rng.random()
+            try:
+                if op < 0.22:
+                    m.allocate_entry(key, rng.randint(1, 160))
+                    if private:
+                        expect[key] = 0
+                elif op < 0.34:
+                    if m.remove_cache_entry(key) is not None or private:
+                        expect.pop(key, None)
+                elif op < 0.46:
+                    e = m.get(key) if op < 0.40 else m[key]
+                    if e is not None:
+                        assert e.size >= 1 and (not private or e.key == key)
+                elif op < 0.54:
+                    m.touch(key)
+                elif op < 0.66:
+                    m.resize_entry(key, rng.randint(1, 160))
+                elif op < 0.80:
+                    stamp = rng.randrange(1, 256)
+                    m.write(key, bytes([stamp]))
+                    if private:
+                        expect[key] = stamp
+                elif op < 0.95:
+                    out = m.read(key)
+                    if private and expect.get(key) is not None:
+                        assert out[0] == expect[key], (key, out[0], expect[key])
+                elif op < 0.97:
+                    m.pin(key) if rng.random() < 0.5 else m.unpin(key)
+                else:
+                    s = m.stats
+                    assert s.used_blocks + s.free_blocks == s.total_blocks
+            except KeyError:
+                if private:
+                    expect.pop(key, None)      # evicted by another thread's LRU
+            except PoolExhaustedError:
+                pass
+    except BaseException as exc:               # anything else is a failure
+        failures.append((tid, repr(exc)))
+
+
+def test_threads_share_one_manager():
+    m = KVCacheManager(48 * 32, 32, eviction="lru")
+    shared = ["s0", "s1", "s2", "s3", ("s", 4), b"s5"]
+    failures = []
+    threads = [threading.Thread(target=_thread_worker,
+                                args=(m, t, _THREAD_OPS, shared, failures))
+               for t in range(_THREADS)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)           # switch threads often: more races
+    try:
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        elapsed = time.perf_counter() - start
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads), "a worker hung"
+    assert failures == []
+    m.check_invariants()
+    s = m.stats
+    assert s.allocations - s.evictions == s.active_entries == len(m)
+    assert s.evictions == s.manual_evictions + s.lru_evictions + s.clear_evictions
+    assert s.used_blocks == sum(e.n_blocks for e in m.cache.values())
+    assert s.used_memory == sum(e.size for e in m.cache.values())
+    assert s.lru_evictions > 0 and s.manual_evictions > 0 and s.hits > 0
+    print(f"threads: {_THREADS} x {_THREAD_OPS} ops in {elapsed:.1f} s; {s}")
+
+
+# =============================================================================
+# Section 5: faults -- raising listeners, failing saves, failing data sources
+#
+# Documented: a listener's exception propagates after the state change is
+# complete, and later reports are still sent; save() is atomic (temporary
+# file + rename) and leaves no temporary file behind.
+# =============================================================================
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _listeners(m, exc_type):
+    """Three listeners, the middle one raising ``exc_type`` on every report."""
+    first, last = [], []
+
+    def bad(report):
+        raise exc_type(f"listener failed on {report.key!r}")
+    m.add_eviction_listener(first.append)
+    m.add_eviction_listener(bad)
+    m.add_eviction_listener(last.append)
+    return first, last
+
+
+def _assert_consistent(m, held=0):
+    m.check_invariants()
+    s = m.stats
+    assert s.used_blocks == sum(e.n_blocks for e in m.cache.values()) + held
+    assert s.used_memory == sum(e.size for e in m.cache.values())
+    assert s.active_entries == len(m)
+
+
+_FAULT_OPS = {
+    # name: (setup, call, keys expected gone, keys expected live, reason)
+    "lru-allocate": (lambda m: [m.allocate_entry(k, 16) for k in "abcd"],
+                     lambda m: m.allocate_entry("e", 32), "ab", "cde", "lru"),
+    "lru-allocate-entries": (lambda m: [m.allocate_entry(k, 16) for k in "abcd"],
+                             lambda m: m.allocate_entries(["e", "f"], [16, 32]),
+                             "abc", "def", "lru"),
+    "lru-resize": (lambda m: [m.allocate_entry(k, 16) for k in "abcd"],
+                   lambda m: m.resize_entry("a", 48), "bc", "da", "lru"),
+    "remove": (lambda m: [m.allocate_entry(k, 16) for k in "abcd"],
+               lambda m: m.remove_cache_entry("b"), "b", "acd", "manual"),
+    "remove-many": (lambda m: [m.allocate_entry(k, 16) for k in "abcd"],
+                    lambda m: m.remove_cache_entries(["d", "zz", "b"]), "db", "ac",
+                    "manual"),
+    "clear": (lambda m: ([m.allocate_entry(k, 16) for k in "abcd"], m.pin("c")),
+              lambda m: m.clear(), "abcd", "", "clear"),
+}
+
+
+@pytest.mark.parametrize("exc_type", [_Boom, KeyboardInterrupt],
+                         ids=["RuntimeError", "KeyboardInterrupt"])
+@pytest.mark.parametrize("op", list(_FAULT_OPS))
+def test_raising_listener_during_any_removal_leaves_manager_consistent(op, exc_type):
+    setup, call, gone, live, reason = _FAULT_OPS[op]
+    m = KVCacheManager(4 * 16, 16, eviction="lru")
+    setup(m)
+    first, last = _listeners(m, exc_type)
+    with pytest.raises(exc_type, match=f"listener failed on {gone[0]!r}"):
+        call(m)
+    # the removal (and the allocation/resize that caused it) happened
+    assert list(m) == list(live)
+    for k in gone:
+        assert k not in m
+    _assert_consistent(m)
+    # the other listeners got every report, in order, before and after the
+    # raising one
+    assert [r.key for r in first] == list(gone) == [r.key for r in last]
+    assert {r.reason for r in first} == {reason}
+    assert m.stats.evictions == len(gone)
+    # and the manager keeps working
+    m.remove_eviction_listener(m._listeners[1])
+    m.clear()
+    m.allocate_entry("again", 64)
+    _assert_consistent(m)
+
+
+def test_raising_listener_first_exception_wins_and_all_reports_are_sent():
+    m = KVCacheManager(4 * 16, 16)
+    for k in "abcd":
+        m.allocate_entry(k, 16)
+    calls = []
+
+    def bad(report):
+        calls.append(report.key)
+        raise _Boom(report.key)
+    m.add_eviction_listener(bad)
+    with pytest.raises(_Boom, match="^a$"):
+        m.clear()
+    assert calls == list("abcd") and len(m) == 0
+    _assert_consistent(m)
+
+
+def test_listener_reentering_the_manager_is_consistent():
+    # a listener may call back into the manager (reports are delivered with
+    # the state final); here it allocates a new entry for every eviction
+    m = KVCacheManager(4 * 16, 16, eviction="lru")
+    seen = []
+
+    def refill(report):
+        seen.append(report.key)
+        if isinstance(report.key, str) and len(seen) < 3:
+            m.allocate_entry(("refill", report.key), 16)
+    m.add_eviction_listener(refill)
+    for k in "abcd":
+        m.allocate_entry(k, 16)
+    m.allocate_entry("e", 16)                       # evicts a -> refill evicts b
+    _assert_consistent(m)
+    assert seen[:2] == ["a", "b"] and "e" in m
+    assert m.stats.allocations - m.stats.evictions == len(m)
+
+
+def _snapshot_dir_is_clean(directory, names):
+    assert sorted(os.listdir(directory)) == sorted(names), os.listdir(directory)
+
+
+@pytest.mark.parametrize("exc", [OSError("disk full"), KeyboardInterrupt()],
+                         ids=["OSError", "KeyboardInterrupt"])
+def test_failed_replace_keeps_the_earlier_snapshot(tmp_path, monkeypatch, exc):
+    m = _victim()
+    path = tmp_path / "snap.npz"
+    m.save(path)
+    earlier = copy.deepcopy(m)
+    m.allocate_entry("later", 100)
+    m.write("later", b"new bytes")
+
+    def failing_replace(src, dst):
+        raise exc
+    monkeypatch.setattr(kvpool.os, "replace", failing_replace)
+    with pytest.raises(type(exc)):
+        m.save(path)
+    monkeypatch.undo()
+    _snapshot_dir_is_clean(tmp_path, ["snap.npz"])        # no .kvpool-*.tmp
+    assert KVCacheManager.load(path) == earlier
+    _assert_consistent(m, held=1)
+    assert m.read("later", np.uint8, 0, 9).tobytes() == b"new bytes"
+
+
+@pytest.mark.parametrize("exc", [OSError("short write"), KeyboardInterrupt()],
+                         ids=["OSError", "KeyboardInterrupt"])
+def test_failure_while_writing_the_temp_file(tmp_path, monkeypatch, exc):
+    m = _victim()
+    path = tmp_path / "snap.npz"
+    m.save(path)
+    earlier = copy.deepcopy(m)
+    m.allocate_entry("later", 100)
+    real_savez = np.savez
+
+    def half_savez(f, **arrays):
+        f.write(b"PK\x03\x04 partial")         # some bytes, then the failure
+        raise exc
+    monkeypatch.setattr(kvpool.np, "savez", half_savez)
+    with pytest.raises(type(exc)):
+        m.save(path)
+    monkeypatch.setattr(kvpool.np, "savez", real_savez)
+    _snapshot_dir_is_clean(tmp_path, ["snap.npz"])
+    assert KVCacheManager.load(path) == earlier
+    _assert_consistent(m, held=1)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root ignores directory permissions")
+def test_save_into_read_only_directory(tmp_path):
+    m = _victim()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError):
+            m.save(ro / "snap.npz")
+        assert os.listdir(ro) == []
+    finally:
+        ro.chmod(0o755)
+    _assert_consistent(m, held=1)
+
+
+def test_save_where_the_directory_cannot_be_written(tmp_path, monkeypatch):
+    # the root-proof versions of the read-only directory: the parent is a
+    # regular file, or creating the temporary file is refused
+    m = _victim()
+    before = _freeze(m)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        m.save(not_a_dir / "snap.npz")
+    with pytest.raises(FileNotFoundError):
+        m.save(tmp_path / "missing" / "snap.npz")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+    monkeypatch.setattr(kvpool.tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError):
+        m.save(tmp_path / "snap.npz")
+    monkeypatch.undo()
+    _snapshot_dir_is_clean(tmp_path, ["file"])
+    _assert_unchanged(m, before)
+
+
+def test_save_of_unsavable_key_writes_nothing(tmp_path):
+    m = _victim()
+    path = tmp_path / "snap.npz"
+    m.save(path)
+    earlier = copy.deepcopy(m)
+    m.allocate_entry(1.5, 16)                      # a float key: not savable
+    with pytest.raises(TypeError, match="key 1.5 of type float cannot be saved"):
+        m.save(path)
+    _snapshot_dir_is_clean(tmp_path, ["snap.npz"])
+    assert KVCacheManager.load(path) == earlier
+
+
+class _ExplodingArrayLike:
+    """Looks like an array to numpy, but its export fails."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("export failed")
+
+    def __len__(self):
+        return 4
+
+
+class _HostileSubclass(np.ndarray):
+    """An ndarray subclass whose own conversions all fail."""
+
+    def copy(self, *args, **kwargs):
+        raise RuntimeError("copy failed")
+
+    def reshape(self, *args, **kwargs):
+        raise RuntimeError("reshape failed")
+
+    def view(self, *args, **kwargs):
+        raise RuntimeError("view failed")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _ExplodingArrayLike(),
+    lambda: iter([1, 2, 3]),
+    lambda: [1, 2, 3],
+    lambda: array.array("B", [1, 2, 3]),
+], ids=["__array__-raises", "iterator", "list", "array.array"])
+def test_unsupported_data_sources_are_type_errors_and_write_nothing(make):
+    m = _victim()
+    before = _freeze(m)
+    with pytest.raises(TypeError, match="data must be bytes, bytearray, memoryview or a numpy array"):
+        m.write("a", make())
+    _assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.arange(8, dtype=np.uint8)[::2].view(_HostileSubclass),
+    lambda: np.arange(4, dtype=np.uint8).view(_HostileSubclass),
+    lambda: np.arange(4, dtype=np.uint8).reshape(2, 2).view(_HostileSubclass),
+    lambda: np.ma.array([0, 1, 2, 3], mask=[0, 1, 0, 0], dtype=np.uint8),
+    lambda: np.rec.array([(0, 1), (2, 3)], dtype=[("a", "u1"), ("b", "u1")]),
+], ids=["strided", "contiguous", "2d", "masked", "recarray"])
+def test_ndarray_subclasses_are_written_as_raw_bytes(make):
+    # a subclass's own methods are not consulted: its raw buffer is what
+    # lands (a masked array's mask is ignored), the same in both modes
+    m = _victim()
+    data = make()
+    raw = np.ascontiguousarray(np.asarray(data)).tobytes()
+    m.write("a", data, 2)
+    assert m.read("a", np.uint8, 0, 2 + len(raw)).tobytes() == b"\x01\x02" + raw
+    m.check_invariants()
+
+
+def test_released_memoryview_and_object_arrays_write_nothing():
+    m = _victim()
+    before = _freeze(m)
+    mv = memoryview(bytearray(b"abc"))
+    mv.release()
+    with pytest.raises((TypeError, ValueError)):
+        m.write("a", mv)
+    with pytest.raises(TypeError, match="Python objects"):
+        m.write("a", np.array([b"x", 1], dtype=object))
+    _assert_unchanged(m, before)
+
+
+# =============================================================================
+# Section 6: long randomized runs (random.Random, no hypothesis)
+#
+# A light model rides along: each live entry's expected bytes (zeroed on
+# allocation and growth), kept exact through LRU evictions via a listener.
+# check_invariants() and the stats identities every 10,000 operations.
+# =============================================================================
+
+def _long_run(n_ops, seed, check_every=10_000):
+    rng = random.Random(seed)
+    m = KVCacheManager(64 * 32, 32, eviction="lru")
+    model = {}                                    # key -> bytearray
+    held = []
+    evicted = []
+    m.add_eviction_listener(lambda r: evicted.append(r.key) if r.reason == "lru" else None)
+    keys = [CacheKey("seq", i) for i in range(40)] + [f"k{i}" for i in range(10)]
+    checks = 0
+
+    def sync_evictions():
+        for k in evicted:
+            del model[k]
+        evicted.clear()
+
+    for i in range(1, n_ops + 1):
+        key = rng.choice(keys)
+        op = rng.random()
+        try:
+            if op < 0.20:
+                size = rng.randint(1, 200) if rng.random() < 0.95 else rng.randint(1, 2048)
+                m.allocate_entry(key, size)
+                sync_evictions()
+                model[key] = bytearray(size)
+            elif op < 0.23:
+                batch = rng.sample(keys, rng.randint(1, 3))
+                sizes = [rng.randint(1, 100) for _ in batch]
+                m.allocate_entries(batch, sizes)
+                sync_evictions()
+                model.update((k, bytearray(s)) for k, s in zip(batch, sizes))
+            elif op < 0.33:
+                assert (m.remove_cache_entry(key) is None) == (key not in model)
+                model.pop(key, None)
+            elif op < 0.35:
+                batch = rng.sample(keys, rng.randint(1, 4))
+                m.remove_cache_entries(batch)
+                for k in batch:
+                    model.pop(k, None)
+            elif op < 0.45:
+                e = m.get(key) if op < 0.40 else m.peek(key)
+                assert (e is None) == (key not in model)
+                if e is not None:
+                    assert e.size == len(model[key])
+            elif op < 0.48:
+                m.touch(key)
+            elif op < 0.50:
+                m.pin(key) if rng.random() < 0.4 else m.unpin(key)
+            elif op < 0.62:
+                size = rng.randint(1, 300)
+                m.resize_entry(key, size)
+                sync_evictions()
+                old = model[key]
+                model[key] = old[:size] + bytearray(max(0, size - len(old)))
+            elif op < 0.78:
+                cur = model.get(key)
+                n = len(cur) if cur is not None else 8
+                offset = rng.randint(0, n)
+                data = rng.randbytes(rng.randint(0, n - offset))
+                m.write(key, data, offset)
+                model[key][offset:offset + len(data)] = data
+            elif op < 0.93:
+                cur = model.get(key)
+                n = len(cur) if cur is not None else 8
+                offset = rng.randint(0, n)
+                count = rng.randint(0, n - offset)
+                out = m.read(key, np.uint8, offset, count)
+                assert out.tobytes() == bytes(model[key][offset:offset + count])
+            elif op < 0.96:
+                if held and rng.random() < 0.6:
+                    m.pool.deallocate(held.pop(rng.randrange(len(held))))
+                elif len(held) < 6:
+                    b = m.pool.allocate()
+                    if b != NO_BLOCK:
+                        held.append(int(b))
+            elif op < 0.9605:
+                m.clear()
+                model.clear()
+            elif op < 0.9607:
+                m.unpin_all()
+            else:
+                assert len(m) == len(model)
+        except KeyError:
+            assert key not in model or op < 0.23, (i, op, key)
+        except PoolExhaustedError:
+            pass
+        if i % check_every == 0:
+            checks += 1
+            m.check_invariants()
+            s = m.stats
+            assert s.allocations - s.evictions == s.active_entries == len(model)
+            assert set(m) == set(model)
+            assert all(m.peek(k).size == len(v) for k, v in model.items())
+            assert s.used_blocks == sum(e.n_blocks for e in m.cache.values()) + len(held)
+            k = rng.choice(list(model)) if model else None
+            if k is not None:
+                assert m.read(k).tobytes() == bytes(model[k])
+            if checks % 2 == 0:                 # the state survives a round trip
+                m2 = pickle.loads(pickle.dumps(m))
+                assert m2 == m
+    m.check_invariants()
+    return m.stats, checks
+
+
+def test_long_run_100k():
+    start = time.perf_counter()
+    stats, checks = _long_run(100_000, seed=12345)
+    elapsed = time.perf_counter() - start
+    assert checks == 10
+    assert stats.allocations > 10_000 and stats.lru_evictions > 1_000
+    assert stats.hits > 1_000 and stats.misses > 1_000
+    print(f"long run 100k: {elapsed:.1f} s, {stats}")
+
+
+@pytest.mark.slow
+def test_long_run_1m():
+    start = time.perf_counter()
+    stats, checks = _long_run(1_000_000, seed=777)
+    elapsed = time.perf_counter() - start
+    assert checks == 100
+    assert stats.allocations > 100_000 and stats.lru_evictions > 10_000
+    print(f"long run 1M: {elapsed:.1f} s, {stats}")
