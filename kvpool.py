@@ -880,8 +880,9 @@ class KVCacheManager:
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {EVICTION_POLICIES}, "
                              f"got {eviction!r}")
-        if not isinstance(zero_on_alloc, bool):
+        if not isinstance(zero_on_alloc, (bool, np.bool_)):
             raise TypeError(f"zero_on_alloc must be a bool, got {zero_on_alloc!r}")
+        zero_on_alloc = bool(zero_on_alloc)
         if on_evict is not None and not callable(on_evict):
             raise TypeError(f"on_evict must be callable, got {on_evict!r}")
         if buffer is None:      # zeroed lazily by the OS, page by page
@@ -1089,9 +1090,10 @@ class KVCacheManager:
     # removing ----------------------------------------------------------------
 
     def remove_cache_entry(self, key):
-        """Remove ``key``'s entry and free its blocks (to the free list's tail,
-        so they are reused first); return the entry, or None if absent.
-        Pinned entries are removed too. One compiled call."""
+        """Remove ``key``'s entry and free its blocks to the free list's tail
+        (reused after the blocks freed before them, before never-used ones);
+        return the entry, or None if absent. Pinned entries are removed too.
+        One compiled call."""
         with self._lock:
             try:
                 entry = self._cache.get(key)
@@ -1346,7 +1348,8 @@ class KVCacheManager:
     def write(self, key, data, offset=0):
         """Copy the raw bytes of ``data`` into the entry from byte ``offset``,
         across block boundaries, in one compiled call; ``ValueError`` (and
-        nothing written) if they would not fit."""
+        nothing written) if they would not fit. The entry becomes most
+        recently used."""
         with self._lock:
             entry = self._entry(key)
             raw = _as_bytes(data)
@@ -1358,9 +1361,12 @@ class KVCacheManager:
 
     def read(self, key, dtype=np.uint8, offset=0, count=-1):
         """A new array of ``count`` items of ``dtype`` (all the rest of the
-        entry when -1) read from byte ``offset``, in one compiled call."""
+        entry when -1) read from byte ``offset``, in one compiled call. The
+        entry becomes most recently used."""
         with self._lock:
             entry = self._entry(key)
+            if dtype is None:
+                raise TypeError("dtype must be given, not None")
             dtype = _UINT8 if dtype is np.uint8 else np.dtype(dtype)
             if dtype.hasobject or dtype.itemsize == 0:
                 raise TypeError(f"cannot read items of dtype {dtype}")
@@ -1398,7 +1404,8 @@ class KVCacheManager:
 
     def views(self, key):
         """The entry's blocks as zero-copy views in order, the last trimmed
-        to the entry's size; writing through them changes the arena."""
+        to the entry's size; writing through them changes the arena. The
+        entry becomes most recently used."""
         with self._lock:
             entry = self._entry(key)
             bs = self._block_size
@@ -1564,6 +1571,7 @@ class KVCacheManager:
                 dir=os.path.dirname(os.path.abspath(path)), prefix=".kvpool-",
                 suffix=".tmp")
             try:
+                os.chmod(tmp, 0o644)            # mkstemp's 0600 is for secrets
                 with os.fdopen(fd, "wb") as f:
                     np.savez(f, **arrays)
                     f.flush()
@@ -1593,6 +1601,8 @@ class KVCacheManager:
         return cls._from_state(meta, arrays, keys)
 
     def __getstate__(self):
+        """Pickling and deepcopy carry everything ``save`` does, with any
+        picklable keys; listeners are not carried over."""
         with self._lock:
             meta, arrays, keys = self._state()
             return {"meta": meta, "arrays": {k: np.array(v) for k, v in

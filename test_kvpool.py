@@ -2955,3 +2955,16 @@ def test_long_run_1m():
     assert checks == 100
     assert stats.allocations > 100_000 and stats.lru_evictions > 10_000
     print(f"long run 1M: {elapsed:.1f} s, {stats}")
+
+
+# -- small contracts ---------------------------------------------------------------
+
+def test_numpy_bool_flags_and_dtype_none(tmp_path):
+    m = KVCacheManager(1024, zero_on_alloc=np.bool_(False))
+    assert m.zero_on_alloc is False
+    m.allocate_entry("a", 8)
+    with pytest.raises(TypeError, match="dtype must be given"):
+        m.read("a", dtype=None)
+    m.save(tmp_path / "s.npz")
+    assert os.stat(tmp_path / "s.npz").st_mode & 0o777 == 0o644
+    m.check_invariants()
