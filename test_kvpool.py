@@ -398,131 +398,6 @@ def test_constructor_bad_arguments(args, kwargs, exc, match):
         KVCacheManager(*args, **kwargs)
 
 
-# -- randomized: the manager against a pure-Python model -------------------------
-
-class Model:
-    """The documented rules in plain Python: FIFO ring + bump, LRU order."""
-
-    def __init__(self, total_blocks, bs, lru):
-        self.total, self.bs, self.lru = total_blocks, bs, lru
-        self.ring, self.bump = deque(), 0
-        self.entries = OrderedDict()         # key -> [size, blocks, pinned]
-        self.allocations = self.evictions = self.lru_evictions = 0
-
-    def free(self):
-        return len(self.ring) + self.total - self.bump
-
-    def take(self, n):
-        out = []
-        for _ in range(n):
-            if self.ring:
-                out.append(self.ring.popleft())
-            else:
-                out.append(self.bump)
-                self.bump += 1
-        return out
-
-    def make_room(self, need, keep=None):
-        victims, free = [], self.free()
-        if self.lru:
-            for k, (size, blocks, pinned) in self.entries.items():
-                if free >= need:
-                    break
-                if not pinned and k != keep:
-                    victims.append(k)
-                    free += len(blocks)
-        if free < need:
-            return False
-        for k in victims:
-            self.ring.extend(self.entries.pop(k)[1])
-            self.evictions += 1
-            self.lru_evictions += 1
-        return True
-
-    def allocate(self, key, size):
-        n = -(-size // self.bs)
-        if n > self.free() and not self.make_room(n):
-            return None
-        self.entries[key] = [size, self.take(n), False]
-        self.allocations += 1
-        return self.entries[key][1]
-
-    def remove(self, key):
-        size, blocks, pinned = self.entries.pop(key)
-        self.ring.extend(blocks)
-        self.evictions += 1
-
-    def resize(self, key, size):
-        n_new = -(-size // self.bs)
-        entry = self.entries[key]
-        n_old = len(entry[1])
-        if n_new - n_old > self.free() and not self.make_room(n_new - n_old, key):
-            return False
-        if n_new > n_old:
-            entry[1] += self.take(n_new - n_old)
-        else:
-            self.ring.extend(entry[1][n_new:])
-            del entry[1][n_new:]
-        entry[0] = size
-        self.entries.move_to_end(key)
-        return True
-
-
-@pytest.mark.parametrize("eviction", ["none", "lru"])
-def test_random_operations_match_the_model(eviction):
-    rng = random.Random(1234)
-    bs, nb = 16, 12
-    m = KVCacheManager(bs * nb, bs, eviction=eviction)
-    model = Model(nb, bs, eviction == "lru")
-    for step in range(3000):
-        op = rng.random()
-        key = rng.randrange(10)
-        if op < 0.45:
-            size = rng.randint(1, bs * 5)
-            if key in model.entries:
-                with pytest.raises(KeyError):
-                    m.allocate_entry(key, size)
-            else:
-                expected = model.allocate(key, size)
-                if expected is None:
-                    with pytest.raises(PoolExhaustedError):
-                        m.allocate_entry(key, size)
-                else:
-                    assert m.allocate_entry(key, size).blocks.tolist() == expected
-        elif op < 0.7:
-            got = m.remove_cache_entry(key)
-            if key in model.entries:
-                assert (got.block, got.n_blocks) == (model.entries[key][1][0],
-                                                     len(model.entries[key][1]))
-                model.remove(key)
-            else:
-                assert got is None
-        elif op < 0.85 and key in model.entries:
-            size = rng.randint(1, bs * 5)
-            if model.resize(key, size):
-                assert m.resize_entry(key, size).blocks.tolist() == model.entries[key][1]
-            else:
-                with pytest.raises(PoolExhaustedError):
-                    m.resize_entry(key, size)
-        elif op < 0.95 and key in model.entries:
-            assert m[key].key == key
-            model.entries.move_to_end(key)
-        elif key in model.entries:
-            m.pin(key) if rng.random() < 0.5 else m.unpin(key)
-            model.entries[key][2] = m.peek(key).pinned
-        assert list(m) == list(model.entries)
-        for k, (size, blocks, pinned) in model.entries.items():
-            e = m.peek(k)
-            assert (e.size, e.blocks.tolist()) == (size, blocks)
-        s = m.stats
-        used = sum(len(b) for _, b, _ in model.entries.values())
-        assert (s.allocations, s.evictions, s.lru_evictions) == (
-            model.allocations, model.evictions, model.lru_evictions)
-        assert (s.used_blocks, s.free_blocks) == (used, model.free())
-        assert s.used_memory == sum(v[0] for v in model.entries.values())
-        m.check_invariants()
-
-
 # -- eviction: LRU, pins, lookups, resize, reports -------------------------------
 
 def lru_manager(blocks=4, bs=16, **kw):
@@ -1225,7 +1100,6 @@ class _Model:
                     free += len(e.blocks)
         if free < need:
             raise PoolExhaustedError(need, self.free)
-        event(f"lru evicted {min(len(victims), 3)}+ entries")
         self.release(victims, "lru")
 
     def nblocks(self, size):
@@ -1335,6 +1209,50 @@ class _Model:
         if key not in self.entries:
             raise KeyError(key)
         self.entries.move_to_end(key)
+
+
+@pytest.mark.parametrize("eviction", ["none", "lru"])
+def test_random_operations_match_the_model(eviction):
+    """Thousands of seeded allocate / remove / resize / lookup / pin calls,
+    compared with the model after every step: block ids, order, stats."""
+    rng = random.Random(1234)
+    bs, nb = 16, 12
+    m = KVCacheManager(bs * nb, bs, eviction=eviction)
+    model = _Model(nb, bs, eviction, True)
+    for step in range(3000):
+        op, key, size = rng.random(), rng.randrange(10), rng.randint(1, bs * 5)
+        if op < 0.45:
+            call = ("allocate_entry", key, size)
+        elif op < 0.7:
+            call = ("remove_cache_entry", key)
+        elif op < 0.85:
+            call = ("resize_entry", key, size)
+        elif op < 0.95:
+            call = ("lookup", key)
+        else:
+            call = ("touch", key)
+        try:
+            expected = getattr(model, call[0])(*call[1:])
+        except (KeyError, PoolExhaustedError) as exc:
+            real = "__getitem__" if call[0] == "lookup" else call[0]
+            with pytest.raises(type(exc)):
+                getattr(m, real)(*call[1:])
+        else:
+            real = "__getitem__" if call[0] == "lookup" else call[0]
+            got = getattr(m, real)(*call[1:])
+            assert (got is None) == (expected is None)
+            if got is not None and call[0] != "touch":
+                assert (got.block, got.n_blocks, got.size) == (
+                    expected.blocks[0], len(expected.blocks), expected.size)
+        if rng.random() < 0.05 and key in model.entries:
+            pinned = rng.random() < 0.5
+            (m.pin if pinned else m.unpin)(key)
+            model.entries[key].pinned = pinned
+        assert list(m) == list(model.entries)
+        for k, e in model.entries.items():
+            assert m.peek(k).blocks.tolist() == e.blocks
+        assert m.stats == model.stats()
+        m.check_invariants()
 
 
 _KEYS = ["a", "b", 1, CacheKey("seq", 1), CacheKey("seq", 2), ("t", 3), b"k",
