@@ -11,14 +11,12 @@ import multiprocessing
 import os
 import pickle
 import random
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict, deque
 
 import numba
 import numpy as np
