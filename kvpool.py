@@ -31,8 +31,10 @@ Complexity (n = blocks involved, e = live entries, all compiled loops)::
     alloc_chain / free_chain / resize_chain  O(n)
     read_chain / write_chain                 O(n + bytes)
     KVCacheManager.allocate_entry            O(n), one compiled call
-                                             (+1 per eviction round, "lru")
+                                             (two more when "lru" evicts)
     remove_cache_entry, resize_entry         O(n), one compiled call
+    allocate_entries, remove_cache_entries   O(entries + n), one compiled call
+    write, read                              O(n + bytes), one compiled call
     lookups, touch, pin, len, in             O(1)
     check_invariants                         O(total blocks + e)
 
@@ -1061,22 +1063,25 @@ class KVCacheManager:
         only when ``new_size`` crosses a block boundary (evicting others under
         ``"lru"``, never this entry); shrinking returns whole tail blocks.
         The entry becomes most recently used. A resize that cannot be
-        satisfied changes nothing. One compiled call (two if it evicts).
+        satisfied changes nothing. One compiled call (three if it evicts),
+        none when it grows within its last block: with ``zero_on_alloc`` the
+        bytes past an entry's size are zero already (blocks are zeroed when
+        taken, and a shrink zeroes what it cuts off), unless written through
+        ``block_view``.
         """
         with self._lock:
             n_new, new_size = self._blocks_for(new_size, "new_size")
             entry = self._entry(key)
             n_old = entry.n_blocks
-            pool = self.pool
-            resize = _POOL["resize_chain"]
-            zero_from = min(entry.size, new_size)
-            status = resize(pool, entry.block, n_old, n_new, zero_from, self._zero)
             reports = None
-            if status == ERR_NO_SPACE:
-                reports = self._make_room(n_new - n_old, entry)
-                status = resize(pool, entry.block, n_old, n_new, zero_from,
-                                self._zero)
-            assert status == OK, f"resize_chain failed with status {status}"
+            if n_new != n_old or (self._zero and new_size < entry.size):
+                args = (self.pool, entry.block, n_old, n_new,
+                        min(entry.size, new_size), self._zero)
+                status = _POOL["resize_chain"](*args)
+                if status == ERR_NO_SPACE:
+                    reports = self._make_room(n_new - n_old, entry)
+                    status = _POOL["resize_chain"](*args)
+                assert status == OK, f"resize_chain failed with status {status}"
             self._used_memory += new_size - entry.size
             entry.size = new_size
             if n_new != n_old:
