@@ -841,8 +841,6 @@ def _as_arena(buffer, total_size):
 
 _BLOCK = operator.attrgetter("block")
 _N_BLOCKS = operator.attrgetter("n_blocks")
-_SIZE = operator.attrgetter("size")
-_PINNED = operator.attrgetter("pinned")
 
 
 class KVCacheManager:
@@ -1196,11 +1194,12 @@ class KVCacheManager:
         """Drop freed entries from the cache and the counters and freeze them,
         keeping ``runs[i]`` as entry i's blocks when given."""
         cache = self._cache
+        size = pinned = 0
         for entry in entries:
             del cache[entry.key]
             entry._pool = None
-        size = sum(map(_SIZE, entries))
-        pinned = sum(map(_PINNED, entries))
+            size += entry.size
+            pinned += entry.pinned
         for entry, ids in zip(entries, runs):
             if entry._blocks is None:
                 ids.flags.writeable = False
