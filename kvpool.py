@@ -21,7 +21,9 @@ Layout of the pool (every array has one slot per block)::
 * Freed blocks go to the ring tail, so the most recently freed is reused last.
 * An entry's blocks form a chain through ``link`` (state HEAD, then LINK),
   ending in ``NO_BLOCK``; blocks taken with ``allocate`` are HELD by the caller.
-  The states keep the two APIs apart: no call can free another's block.
+  The states keep the two APIs apart: block calls never free a chain's block
+  and chain calls never free a HELD one. (The chain calls are the manager's
+  tools: used on a manager's own entries they corrupt it.)
 * Metadata costs 17 bytes per block (ring and link ``int64``, state ``uint8``).
 * A remainder of ``total_size`` smaller than one block is not used.
 
@@ -366,10 +368,14 @@ class MemoryPool:
     def chain_blocks(self, head, n):
         """The ids of the chain at ``head``, at most ``n``, stopping early at
         a bad link or state (so a short result means a broken chain)."""
-        out = np.empty(min(self._walk(head, n), max(n, 0)), np.int64)
+        return self._ids(head, min(self._walk(head, n), max(n, 0)))
+
+    def _ids(self, head, k):
+        """The first ``k`` ids of a chain already walked by ``_walk``."""
+        out = np.empty(k, np.int64)
         link = self.link
         b = head
-        for i in range(out.shape[0]):
+        for i in range(k):
             out[i] = b
             b = link[b]
         return out
@@ -379,7 +385,7 @@ class MemoryPool:
         else an empty array."""
         if self._walk(head, n) != n + 1:
             return np.empty(0, np.int64)
-        return self.chain_blocks(head, n)
+        return self._ids(head, n)
 
     def _link_run(self, ids, first_state):
         """Chain ``ids`` in order, ending in ``NO_BLOCK``."""
@@ -399,11 +405,9 @@ class MemoryPool:
         m = counts.shape[0]
         need = 0
         for k in range(m):
-            if counts[k] < 1:
-                return np.empty(0, np.int64)
+            if counts[k] < 1 or counts[k] > self.free_blocks - need:
+                return np.empty(0, np.int64)          # (no int64 overflow)
             need += counts[k]
-        if need > self.free_blocks:
-            return np.empty(0, np.int64)
         ids = np.empty(need, np.int64)
         self._take(ids)
         heads = np.empty(m, np.int64)
@@ -432,9 +436,13 @@ class MemoryPool:
         tail, chain by chain in order; return all their ids in that order, or
         an empty array (freeing nothing) if any is not such a chain."""
         m = heads.shape[0]
+        if counts.shape[0] != m:
+            return np.empty(0, np.int64)
         need = 0
         for k in range(m):
-            need += max(counts[k], 0)
+            if counts[k] < 1 or counts[k] > self.total_blocks - need:
+                return np.empty(0, np.int64)
+            need += counts[k]
         ids = np.empty(need, np.int64)
         state = self.state
         pos = 0
@@ -487,6 +495,8 @@ class MemoryPool:
         ids = self._chain(head, n_old)
         if ids.shape[0] == 0 or n_new < 1:
             return ERR_BAD_CHAIN
+        if zero_from < 0:
+            return ERR_RANGE
         if n_new - n_old > self.free_blocks:
             return ERR_NO_SPACE
         if n_new > n_old:
@@ -511,7 +521,7 @@ class MemoryPool:
             return ERR_BAD_CHAIN
         size = buf.shape[0]
         bs = self.block_size
-        if offset < 0 or offset + size > n * bs:
+        if offset < 0 or offset > n * bs - size:        # (no int64 overflow)
             return ERR_RANGE
         arena = self.arena
         link = self.link
@@ -923,14 +933,20 @@ class KVCacheManager:
                              f"of {self._capacity} bytes")
         return -(-size // self._block_size), size
 
-    def _entry(self, key):
-        """The live entry for ``key``; ``KeyError`` naming it if absent."""
+    def _get(self, key):
+        """The live entry for ``key`` or None; ``TypeError`` naming an
+        unhashable key (the one place that translates it)."""
         try:
-            return self._cache[key]
-        except KeyError:
-            raise KeyError(f"no live entry for key {key!r}") from None
+            return self._cache.get(key)
         except TypeError:
             raise TypeError(f"key {key!r} is not hashable") from None
+
+    def _entry(self, key):
+        """The live entry for ``key``; ``KeyError`` naming it if absent."""
+        entry = self._get(key)
+        if entry is None:
+            raise KeyError(f"no live entry for key {key!r}")
+        return entry
 
     def _blocks_for_all(self, sizes):
         """(blocks, sizes) as 1-D int64 arrays for many sizes: vectorized when
@@ -977,11 +993,7 @@ class KVCacheManager:
                 self._check_new_key(key)       # raises for the first live one
 
     def _check_new_key(self, key):
-        try:
-            live = key in self._cache
-        except TypeError:
-            raise TypeError(f"key {key!r} is not hashable") from None
-        if live:
+        if self._get(key) is not None:
             raise KeyError(f"key {key!r} is already live; remove or resize "
                            "its entry instead")
 
@@ -1098,10 +1110,7 @@ class KVCacheManager:
         return the entry, or None if absent. Pinned entries are removed too.
         One compiled call."""
         with self._lock:
-            try:
-                entry = self._cache.get(key)
-            except TypeError:
-                raise TypeError(f"key {key!r} is not hashable") from None
+            entry = self._get(key)
             if entry is None:
                 return None
             reports = self._release((entry,), "manual")
@@ -1119,7 +1128,7 @@ class KVCacheManager:
                 repeats = len(set(keys)) != len(keys)
             except TypeError:
                 for key in keys:
-                    self.peek(key)          # raises for the unhashable one
+                    self._get(key)          # raises for the unhashable one
                 raise
             if repeats:                     # a repeat finds its entry gone
                 seen = set()
@@ -1161,15 +1170,14 @@ class KVCacheManager:
         """The one removal path: free the entries' blocks in one compiled call,
         then forget them; the reports, if anyone listens."""
         pool = self.pool
-        if not self._listeners:
-            if len(entries) == 1:               # the common case: no arrays
-                entry = entries[0]
-                status = _POOL["free_chain"](pool, entry.block, entry.n_blocks)
-                assert status == OK, f"entry {entry!r} has no valid chain"
-                self._forget(entries, reason)
-                return None
-            if not entries:
-                return None
+        if not entries:
+            return None
+        if len(entries) == 1 and not self._listeners:   # the common case
+            entry = entries[0]
+            status = _POOL["free_chain"](pool, entry.block, entry.n_blocks)
+            assert status == OK, f"entry {entry!r} has no valid chain"
+            self._forget(entries, reason)
+            return None
         heads = np.fromiter(map(_BLOCK, entries), np.int64, len(entries))
         counts = np.fromiter(map(_N_BLOCKS, entries), np.int64, len(entries))
         ids = _POOL["free_chains"](pool, heads, counts)
@@ -1248,10 +1256,7 @@ class KVCacheManager:
     def _lookup(self, key):
         """The entry or None, counting a hit (and making it most recently
         used) or a miss."""
-        try:
-            entry = self._cache.get(key)
-        except TypeError:
-            raise TypeError(f"key {key!r} is not hashable") from None
+        entry = self._get(key)
         if entry is None:
             self._misses += 1
         else:
@@ -1277,16 +1282,11 @@ class KVCacheManager:
     def peek(self, key, default=None):
         """The entry, or ``default``: no recency change, no hit or miss."""
         with self._lock:
-            try:
-                return self._cache.get(key, default)
-            except TypeError:
-                raise TypeError(f"key {key!r} is not hashable") from None
+            entry = self._get(key)
+            return default if entry is None else entry
 
     def __contains__(self, key):
-        try:
-            return key in self._cache
-        except TypeError:
-            raise TypeError(f"key {key!r} is not hashable") from None
+        return self._get(key) is not None
 
     def __len__(self):
         return len(self._cache)
@@ -1357,6 +1357,8 @@ class KVCacheManager:
         with self._lock:
             entry = self._entry(key)
             raw = _as_bytes(data)
+            if np.may_share_memory(raw, self._arena):
+                raw = raw.copy()    # a view of the arena: copy, as memmove would
             offset = self._span(entry, offset, raw.shape[0])
             status = _POOL["write_chain"](self.pool, entry.block,
                                               entry.n_blocks, offset, raw)
@@ -1460,9 +1462,9 @@ class KVCacheManager:
             s = self._snapshot()
             assert s.active_entries == len(self._cache), (
                 f"active_entries={s.active_entries} != len(cache)={len(self._cache)}")
-            assert s.used_blocks + s.free_blocks == s.total_blocks, (
-                f"used_blocks={s.used_blocks} + free_blocks={s.free_blocks} "
-                f"!= total_blocks={s.total_blocks}")
+            assert 0 <= s.used_blocks <= s.total_blocks, (
+                f"used_blocks={s.used_blocks} is not within total_blocks="
+                f"{s.total_blocks}")
             assert s.used_memory <= s.used_blocks * s.block_size, (
                 f"used_memory={s.used_memory} > used_blocks * block_size="
                 f"{s.used_blocks * s.block_size}")
@@ -1556,6 +1558,11 @@ class KVCacheManager:
             m._evictions = {r: meta["evictions"][r] for r in REASONS}
             m._hits, m._misses = meta["hits"], meta["misses"]
             m.check_invariants()
+            if m._zero:     # past each entry's size: zeros, whatever the file says
+                for entry in m._cache.values():
+                    last = int(entry.blocks[-1])
+                    cut = entry.size - (entry.n_blocks - 1) * bs
+                    m._arena[last * bs + cut:(last + 1) * bs] = 0
         except (KeyError, TypeError, ValueError, AttributeError,
                 AssertionError, OverflowError) as exc:
             raise ValueError(f"inconsistent snapshot: {exc}") from None
@@ -1575,11 +1582,11 @@ class KVCacheManager:
                 dir=os.path.dirname(os.path.abspath(path)), prefix=".kvpool-",
                 suffix=".tmp")
             try:
-                os.chmod(tmp, 0o644)            # mkstemp's 0600 is for secrets
                 with os.fdopen(fd, "wb") as f:
                     np.savez(f, **arrays)
                     f.flush()
                     os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)            # mkstemp's 0600 is for secrets
                 os.replace(tmp, path)
             except BaseException:
                 try:
@@ -1616,17 +1623,33 @@ class KVCacheManager:
         other = self._from_state(state["meta"], state["arrays"], state["keys"])
         self.__dict__.update(other.__dict__)
 
+    def _canonical(self):
+        """``_state()`` without what cannot affect behaviour: the free list as
+        its ids in order (not where the ring starts), links only in chains."""
+        meta, arrays, keys = self._state()
+        head, count = meta.pop("head"), meta["count"]
+        arrays["ring"] = arrays["ring"][(head + np.arange(count))
+                                        % self.pool.total_blocks]
+        chained = (arrays["state"] == HEAD) | (arrays["state"] == LINK)
+        arrays["link"] = np.where(chained, arrays["link"], NO_BLOCK)
+        return meta, arrays, keys
+
     def __eq__(self, other):
+        """Same configuration, entries (keys, sizes, blocks, pins, order),
+        bytes, free-list order, counters and stats: the same future."""
         if not isinstance(other, KVCacheManager):
             return NotImplemented
-        (m1, a1, k1), (m2, a2, k2) = self._state(), other._state()
+        with self._lock:
+            m1, a1, k1 = self._canonical()
+        with other._lock:
+            m2, a2, k2 = other._canonical()
         return (m1 == m2 and k1 == k2 and a1.keys() == a2.keys()
                 and all(np.array_equal(a1[n], a2[n]) for n in a1))
 
     __hash__ = None
 
     def __repr__(self):
-        s = self._snapshot()
+        s = self.stats
         return (f"KVCacheManager({s.active_entries} entries, {s.used_blocks}/"
                 f"{s.total_blocks} blocks of {s.block_size} bytes, "
                 f"eviction={self._eviction!r})")

@@ -2884,3 +2884,56 @@ def test_numpy_bool_flags_and_dtype_none(tmp_path):
     m.save(tmp_path / "s.npz")
     assert os.stat(tmp_path / "s.npz").st_mode & 0o777 == 0o644
     m.check_invariants()
+
+
+def test_write_from_an_overlapping_view_of_the_arena():
+    m = KVCacheManager(1024, 64)
+    m.allocate_entry("a", 200)
+    m.write("a", np.arange(200, dtype=np.uint8))
+    m.write("a", m.views("a")[0][:50], offset=1)          # overlaps, shifted
+    assert m.read("a", count=52).tolist() == [0] + list(range(50)) + [51]
+    m.check_invariants()
+
+
+def test_equal_managers_ignore_dead_ring_and_link_slots():
+    a, b = KVCacheManager(8 * 16, 16), KVCacheManager(8 * 16, 16)
+    a.allocate_entry("x", 32)
+    a.remove_cache_entry("x")                  # frees 0, 1: links 0 -> 1 stay
+    b.allocate_entry("y", 16)
+    b.allocate_entry("z", 16)
+    b.remove_cache_entries(["y", "z"])         # frees 0, 1 as two chains
+    a.reset_stats(), b.reset_stats()
+    assert a == b
+    b.allocate_entry("w", 1)
+    assert a != b
+
+
+def test_load_zeroes_bytes_past_entry_sizes(tmp_path):
+    m = KVCacheManager(4 * 64, 64)
+    e = m.allocate_entry("a", 10)
+    m.block_view(e.block)[10:] = 0xAB          # dirt past the size
+    m.save(tmp_path / "s.npz")
+    back = KVCacheManager.load(tmp_path / "s.npz")
+    back.resize_entry("a", 64)
+    assert back.read("a", offset=10).tolist() == [0] * 54
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: p.alloc_chains(np.array([2 ** 62] * 3 + [2 ** 62 + 1]), False),
+    lambda p: p.free_chains(np.array([0, 1]), np.array([1])),
+    lambda p: p.free_chains(np.array([0]), np.array([2 ** 62])),
+])
+def test_pool_batch_chain_calls_refuse_impossible_counts(call):
+    pool = MemoryPool(8 * 16, 16)
+    pool.alloc_chain(1, False)
+    assert call(pool).shape == (0,)
+    assert (pool.used_blocks, pool.count, pool.bump) == (1, 0, 1)
+
+
+def test_pool_chain_calls_refuse_wrapping_offsets():
+    pool = MemoryPool(8 * 16, 16)
+    h = pool.alloc_chain(1, False)
+    assert pool.write_chain(h, 1, 2 ** 63 - 1, np.zeros(2, np.uint8)) == kvpool.ERR_RANGE
+    assert pool.read_chain(h, 1, -1, np.zeros(2, np.uint8)) == kvpool.ERR_RANGE
+    assert pool.resize_chain(h, 1, 1, -200, True) == kvpool.ERR_RANGE
+    assert pool.used_blocks == 1
