@@ -1076,8 +1076,9 @@ class KVCacheManager:
         satisfied changes nothing. One compiled call (three if it evicts),
         none when it grows within its last block: with ``zero_on_alloc`` the
         bytes past an entry's size are zero already (blocks are zeroed when
-        taken, and a shrink zeroes what it cuts off), unless written through
-        ``block_view``.
+        taken, a shrink zeroes what it cuts off, ``load`` zeroes them), unless
+        you wrote there through the arena itself (``block_view``, an old
+        ``views`` result, ``pool.arena``).
         """
         with self._lock:
             n_new, new_size = self._blocks_for(new_size, "new_size")
