@@ -957,7 +957,6 @@ class KVCacheManager:
             items = np.asarray(sizes).reshape(-1)
             if items.dtype.kind in "iu":
                 flat = items
-            items = items.tolist()
         else:
             items = list(sizes)
             if set(map(type, items)) <= {int}:        # no bools, no floats
@@ -969,10 +968,12 @@ class KVCacheManager:
                 flat.min() > 0 and flat.max() <= self._capacity)):
             flat = flat.astype(np.int64)
             return -(-flat // self._block_size), flat
+        if isinstance(items, np.ndarray):
+            items = items.tolist()
         pairs = [self._blocks_for(size, f"sizes[{i}]")
                  for i, size in enumerate(items)]
-        return (np.array([p[0] for p in pairs], np.int64).reshape(-1),
-                np.array([p[1] for p in pairs], np.int64).reshape(-1))
+        return (np.array([p[0] for p in pairs], np.int64),
+                np.array([p[1] for p in pairs], np.int64))
 
     def _check_new_keys(self, keys):
         """``_check_new_key`` for many keys, also refusing repeats."""
