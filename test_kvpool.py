@@ -2562,19 +2562,32 @@ def _snapshot_dir_is_clean(directory, names):
     assert sorted(os.listdir(directory)) == sorted(names), os.listdir(directory)
 
 
-@pytest.mark.parametrize("exc", [OSError("disk full"), KeyboardInterrupt()],
+def _failing_replace(exc):
+    def replace(src, dst):
+        raise exc
+    return ("os", "replace", replace)
+
+
+def _failing_savez(exc):
+    def half_savez(f, **arrays):
+        f.write(b"PK\x03\x04 partial")         # some bytes, then the failure
+        raise exc
+    return ("np", "savez", half_savez)
+
+
+@pytest.mark.parametrize("exc", [OSError("disk trouble"), KeyboardInterrupt()],
                          ids=["OSError", "KeyboardInterrupt"])
-def test_failed_replace_keeps_the_earlier_snapshot(tmp_path, monkeypatch, exc):
+@pytest.mark.parametrize("fault", [_failing_replace, _failing_savez],
+                         ids=["replace", "savez"])
+def test_failed_save_keeps_the_earlier_snapshot(tmp_path, monkeypatch, fault, exc):
     m = _victim()
     path = tmp_path / "snap.npz"
     m.save(path)
     earlier = copy.deepcopy(m)
     m.allocate_entry("later", 100)
     m.write("later", b"new bytes")
-
-    def failing_replace(src, dst):
-        raise exc
-    monkeypatch.setattr(kvpool.os, "replace", failing_replace)
+    module, name, fake = fault(exc)
+    monkeypatch.setattr(getattr(kvpool, module), name, fake)
     with pytest.raises(type(exc)):
         m.save(path)
     monkeypatch.undo()
@@ -2582,28 +2595,6 @@ def test_failed_replace_keeps_the_earlier_snapshot(tmp_path, monkeypatch, exc):
     assert KVCacheManager.load(path) == earlier
     _assert_consistent(m, held=1)
     assert m.read("later", np.uint8, 0, 9).tobytes() == b"new bytes"
-
-
-@pytest.mark.parametrize("exc", [OSError("short write"), KeyboardInterrupt()],
-                         ids=["OSError", "KeyboardInterrupt"])
-def test_failure_while_writing_the_temp_file(tmp_path, monkeypatch, exc):
-    m = _victim()
-    path = tmp_path / "snap.npz"
-    m.save(path)
-    earlier = copy.deepcopy(m)
-    m.allocate_entry("later", 100)
-    real_savez = np.savez
-
-    def half_savez(f, **arrays):
-        f.write(b"PK\x03\x04 partial")         # some bytes, then the failure
-        raise exc
-    monkeypatch.setattr(kvpool.np, "savez", half_savez)
-    with pytest.raises(type(exc)):
-        m.save(path)
-    monkeypatch.setattr(kvpool.np, "savez", real_savez)
-    _snapshot_dir_is_clean(tmp_path, ["snap.npz"])
-    assert KVCacheManager.load(path) == earlier
-    _assert_consistent(m, held=1)
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
