@@ -445,17 +445,19 @@ class MemoryPool:
             need += counts[k]
         ids = np.empty(need, np.int64)
         state = self.state
+        link = self.link
         pos = 0
         bad = -1
         for k in range(m):
-            run = self._chain(heads[k], counts[k])
-            if run.shape[0] == 0:
+            if self._walk(heads[k], counts[k]) != counts[k] + 1:
                 bad = k
                 break
-            for i in range(run.shape[0]):
-                ids[pos + i] = run[i]
-                state[run[i]] = FREE        # mark, so an overlap shows up
-            pos += run.shape[0]
+            b = heads[k]
+            for i in range(counts[k]):
+                ids[pos + i] = b
+                state[b] = FREE             # mark, so an overlap shows up
+                b = link[b]
+            pos += counts[k]
         if bad >= 0:                        # undo the marks
             pos = 0
             for k in range(bad):
@@ -949,9 +951,9 @@ class KVCacheManager:
         return entry
 
     def _blocks_for_all(self, sizes):
-        """(blocks, sizes) as 1-D int64 arrays for many sizes: vectorized when
-        all are plain ints (or an integer array) in range, else the first bad
-        one's error, naming its index."""
+        """(blocks, sizes) for many sizes: an int64 array of block counts and
+        a list of ints. Vectorized when all are plain ints (or an integer
+        array) in range, else the first bad one's error, naming its index."""
         flat = None                 # the sizes as an int64 array, if plainly ints
         if isinstance(sizes, np.ndarray):
             items = np.asarray(sizes).reshape(-1)
@@ -966,14 +968,16 @@ class KVCacheManager:
                     pass
         if flat is not None and (flat.size == 0 or (
                 flat.min() > 0 and flat.max() <= self._capacity)):
-            flat = flat.astype(np.int64)
-            return -(-flat // self._block_size), flat
+            flat = flat.astype(np.int64, copy=False)
+            if isinstance(items, np.ndarray):
+                items = flat.tolist()
+            return -(-flat // self._block_size), items
         if isinstance(items, np.ndarray):
             items = items.tolist()
         pairs = [self._blocks_for(size, f"sizes[{i}]")
                  for i, size in enumerate(items)]
         return (np.array([p[0] for p in pairs], np.int64),
-                np.array([p[1] for p in pairs], np.int64))
+                [p[1] for p in pairs])
 
     def _check_new_keys(self, keys):
         """``_check_new_key`` for many keys, also refusing repeats."""
@@ -989,7 +993,7 @@ class KVCacheManager:
                 if key in seen:
                     raise KeyError(f"key {key!r} appears twice in keys")
                 seen.add(key)
-        if not fresh.isdisjoint(self._cache):
+        if not self._cache.keys().isdisjoint(fresh):   # O(len(keys))
             for key in keys:
                 self._check_new_key(key)       # raises for the first live one
 
@@ -1054,10 +1058,12 @@ class KVCacheManager:
                 reports = self._make_room(int(counts.sum()), None)
                 heads = alloc_chains(self.pool, counts, self._zero)
                 assert heads.shape[0] == len(keys), "blocks vanished"
-            entries = list(map(KVPoolEntry, keys, sizes.tolist(), heads.tolist(),
+            entries = list(map(KVPoolEntry, keys, sizes, heads.tolist(),
                                counts.tolist(), itertools.repeat(self.pool)))
-            self._cache.update(zip(keys, entries))
-            self._used_memory += int(sizes.sum())
+            cache = self._cache
+            for key, entry in zip(keys, entries):   # faster than update()
+                cache[key] = entry
+            self._used_memory += sum(sizes)
             self._allocations += len(entries)
             self._active_entries += len(entries)
             assert self._active_entries == len(self._cache), (
@@ -1138,8 +1144,7 @@ class KVCacheManager:
                     if key in seen:
                         result[i] = None
                     seen.add(key)
-            reports = self._release([e for e in result if e is not None],
-                                    "manual")
+            reports = self._release(list(filter(None, result)), "manual")
         if reports:
             self._deliver(reports)
         return result
