@@ -493,6 +493,15 @@ def case_batch(cfg):
     row("2", f"batch of {n:,} x 1 block, vs reference", "ns/entry", batch, ref, "RefManager loop")
     row("2", f"batch of {n:,} x 1 block, vs single calls", "ns/entry", batch, single,
         "kvpool single calls")
+    live = 100 * n              # the same batches beside many live entries
+    def crowded():
+        m = KVCacheManager((live + 2 * n) * bs, bs)
+        m.allocate_entries(range(n, n + live), [bs] * live)
+        return m
+    batch = timed(lambda m: batch_kvpool(m, keys, sizes, rounds), ops, cfg.repeats, crowded)
+    single = timed(lambda m: singles_loop(m, keys, sizes, rounds), ops, cfg.repeats, crowded)
+    row("2", f"same, beside {live:,} live entries", "ns/entry", batch, single,
+        "kvpool single calls", note="informational")
 
 
 # -- case 3: block-level batches on the pool ----------------------------------------
