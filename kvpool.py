@@ -352,40 +352,36 @@ class MemoryPool:
 
     # chain API ----------------------------------------------------------------
 
-    def _walk(self, head, n):
+    def _walk(self, head, n, out, at):
         """How many blocks (up to ``n``) the chain at ``head`` has before a
-        bad id or state; ``n + 1`` if it is exactly ``n`` long and ends."""
+        bad id or state; ``n + 1`` if it is exactly ``n`` long and ends.
+        Records the good ids it passes in ``out`` from index ``at`` on,
+        wrapping to 0 at its end; an empty ``out`` records nothing."""
         state = self.state
         link = self.link
         total = self.total_blocks
+        size = out.shape[0]
         b = head
         for i in range(n):
             if b < 0 or b >= total or state[b] != (HEAD if i == 0 else LINK):
                 return i
+            if size > 0:
+                out[at] = b
+                at = at + 1 if at + 1 < size else 0
             b = link[b]
         return n + 1 if b == NO_BLOCK and n > 0 else n
 
     def chain_blocks(self, head, n):
         """The ids of the chain at ``head``, at most ``n``, stopping early at
         a bad link or state (so a short result means a broken chain)."""
-        return self._ids(head, min(self._walk(head, n), max(n, 0)))
-
-    def _ids(self, head, k):
-        """The first ``k`` ids of a chain already walked by ``_walk``."""
-        out = np.empty(k, np.int64)
-        link = self.link
-        b = head
-        for i in range(k):
-            out[i] = b
-            b = link[b]
-        return out
+        out = np.empty(max(n, 0), np.int64)
+        return out[:min(self._walk(head, n, out, 0), out.shape[0])]
 
     def _chain(self, head, n):
         """``chain_blocks`` if ``head`` starts a chain of exactly ``n`` blocks,
         else an empty array."""
-        if self._walk(head, n) != n + 1:
-            return np.empty(0, np.int64)
-        return self._ids(head, n)
+        out = np.empty(max(n, 0), np.int64)
+        return out if self._walk(head, n, out, 0) == n + 1 else out[:0]
 
     def _link_run(self, ids, first_state):
         """Chain ``ids`` in order, ending in ``NO_BLOCK``."""
@@ -445,18 +441,14 @@ class MemoryPool:
             need += counts[k]
         ids = np.empty(need, np.int64)
         state = self.state
-        link = self.link
         pos = 0
         bad = -1
         for k in range(m):
-            if self._walk(heads[k], counts[k]) != counts[k] + 1:
+            if self._walk(heads[k], counts[k], ids, pos) != counts[k] + 1:
                 bad = k
                 break
-            b = heads[k]
-            for i in range(counts[k]):
-                ids[pos + i] = b
-                state[b] = FREE             # mark, so an overlap shows up
-                b = link[b]
+            for i in range(pos, pos + counts[k]):
+                state[ids[i]] = FREE        # mark, so an overlap shows up
             pos += counts[k]
         if bad >= 0:                        # undo the marks
             pos = 0
@@ -469,21 +461,23 @@ class MemoryPool:
 
     def free_chain(self, head, n):
         """Free one chain of ``n`` blocks to the ring tail, in chain order;
-        ``OK``, or ``ERR_BAD_CHAIN`` (freeing nothing)."""
-        if self._walk(head, n) != n + 1:
-            return ERR_BAD_CHAIN
+        ``OK``, or ``ERR_BAD_CHAIN`` (freeing nothing). One walk: the ids are
+        written into the ring's unused slots past the tail, then counted in."""
         ring = self.ring
-        state = self.state
-        link = self.link
         total = self.total_blocks
-        qhead = self.head
         count = self.count
-        b = head
+        if n > total - count:               # more than are in use
+            return ERR_BAD_CHAIN
+        tail = self.head + count
+        if tail >= total:
+            tail -= total
+        if self._walk(head, n, ring, tail) != n + 1:
+            return ERR_BAD_CHAIN
+        state = self.state
         for i in range(n):
-            nxt = link[b]
-            count = _push(ring, state, total, qhead, count, b)
-            b = nxt
-        self.count = count
+            state[ring[tail]] = FREE
+            tail = tail + 1 if tail + 1 < total else 0
+        self.count = count + n
         return OK
 
     def resize_chain(self, head, n_old, n_new, zero_from, zero):
@@ -519,7 +513,7 @@ class MemoryPool:
         """Scatter ``buf`` into (or gather it from) the chain's bytes starting
         ``offset`` bytes in; ``OK`` or an ``ERR_*`` code, copying nothing.
         Blocks adjacent in the arena are copied as one run."""
-        if self._walk(head, n) != n + 1:
+        if self._walk(head, n, self.ring[:0], 0) != n + 1:
             return ERR_BAD_CHAIN
         size = buf.shape[0]
         bs = self.block_size

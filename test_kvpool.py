@@ -171,6 +171,23 @@ def test_pool_chain_api_from_njit():
     assert pool.count == 3
 
 
+def test_pool_chain_frees_refuse_a_cycle_and_change_nothing():
+    pool = MemoryPool(8 * 16, 16)
+    head = pool.alloc_chain(3, False)          # 0 -> 1 -> 2
+    assert pool.release(pool.allocate()) == kvpool.OK     # ring: [3]
+    pool.link[2] = 1                           # 0 -> 1 -> 2 -> 1 -> 2 ...
+    live = lambda: (pool.ring[pool.head:pool.head + pool.count].tolist(),
+                    pool.state.tolist(), pool.head, pool.count)
+    before = live()
+    for n in (3, 4, 7, 8, 100):                # 7: every block not free
+        assert pool.free_chain(head, n) == kvpool.ERR_BAD_CHAIN
+        assert pool.free_chains(np.array([head]), np.array([n])).size == 0
+        assert live() == before
+    pool.link[2] = kvpool.NO_BLOCK
+    assert pool.free_chain(head, 3) == kvpool.OK
+    assert pool.ring[:4].tolist() == [3, 0, 1, 2] and pool.count == 4
+
+
 # -- KVCacheManager: the original design's tests, with their numbers -------------
 
 def test_evict_returns_block_to_pool():
