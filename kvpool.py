@@ -512,7 +512,8 @@ class MemoryPool:
     def _copy(self, head, n, offset, buf, into_arena):
         """Scatter ``buf`` into (or gather it from) the chain's bytes starting
         ``offset`` bytes in; ``OK`` or an ``ERR_*`` code, copying nothing.
-        Blocks adjacent in the arena are copied as one run."""
+        Blocks adjacent in the arena are copied as one run; a ``buf`` that
+        overlaps the arena goes through a copy, as memmove would."""
         if self._walk(head, n, self.ring[:0], 0) != n + 1:
             return ERR_BAD_CHAIN
         size = buf.shape[0]
@@ -520,6 +521,12 @@ class MemoryPool:
         if offset < 0 or offset > n * bs - size:        # (no int64 overflow)
             return ERR_RANGE
         arena = self.arena
+        lo = arena.ctypes.data
+        overlap = (size > 0 and buf.ctypes.data < lo + arena.shape[0]
+                   and lo < buf.ctypes.data + size)
+        user_buf = buf
+        if overlap:
+            buf = user_buf.copy()
         link = self.link
         b = head
         for i in range(offset // bs):
@@ -543,6 +550,9 @@ class MemoryPool:
                     part[j] = run[j]
             done += length
             within = 0
+        if overlap and not into_arena:
+            for j in range(size):
+                user_buf[j] = buf[j]
         return OK
 
     def write_chain(self, head, n, offset, data):
@@ -1358,8 +1368,6 @@ class KVCacheManager:
         with self._lock:
             entry = self._entry(key)
             raw = _as_bytes(data)
-            if np.may_share_memory(raw, self._arena):
-                raw = raw.copy()    # a view of the arena: copy, as memmove would
             offset = self._span(entry, offset, raw.shape[0])
             status = _POOL["write_chain"](self.pool, entry.block,
                                               entry.n_blocks, offset, raw)

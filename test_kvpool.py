@@ -188,6 +188,22 @@ def test_pool_chain_frees_refuse_a_cycle_and_change_nothing():
     assert pool.ring[:4].tolist() == [3, 0, 1, 2] and pool.count == 4
 
 
+@pytest.mark.parametrize("into_arena", [True, False])
+def test_pool_copies_through_an_overlapping_buffer_like_memmove(into_arena):
+    pool = MemoryPool(8 * 16, 16)
+    head = pool.alloc_chain(3, False)          # blocks 0, 1, 2: one 48-byte run
+    pool.arena[:] = np.arange(128, dtype=np.uint8)
+    before = pool.arena.copy()
+    if into_arena:       # the chain's bytes 8..40 from arena bytes 0..32
+        status = pool.write_chain(head, 3, 8, pool.arena[0:32])
+    else:                # arena bytes 8..40 from the chain's bytes 0..32
+        status = pool.read_chain(head, 3, 0, pool.arena[8:40])
+    assert status == kvpool.OK
+    expected = before.copy()
+    expected[8:40] = before[0:32]
+    assert np.array_equal(pool.arena, expected)
+
+
 # -- KVCacheManager: the original design's tests, with their numbers -------------
 
 def test_evict_returns_block_to_pool():
