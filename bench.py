@@ -108,6 +108,23 @@ class Sample:
                 "samples_ns": self.values}
 
 
+def steady_malloc():
+    """Keep freed memory in the process (glibc ``mallopt``), so that a 1 MiB
+    array allocated, freed and allocated again is not handed back to the OS
+    and page-faulted in afresh each time: that cost, the same for kvpool and
+    its peers, otherwise swamps the copies in case 5 and varies between runs.
+    Returns what was set, for the receipt (None where this is not glibc)."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    settings = {"M_MMAP_THRESHOLD": (-3, 32 << 20), "M_TRIM_THRESHOLD": (-1, 1 << 30)}
+    if not all(mallopt(param, value) == 1 for param, value in settings.values()):
+        return None
+    return {name: value for name, (_, value) in settings.items()}
+
+
 def timed(unit, ops, repeats, setup=None, warmup=1):
     """Time ``unit(state)`` (``state = setup()``, built outside the timer for
     every run) ``warmup`` times untimed, then ``repeats`` times; a ``Sample``
@@ -1149,6 +1166,7 @@ def main(argv=None):
     wanted = set(args.cases.split(",")) if args.cases else None
     start = time.perf_counter()
     env = environment()
+    env["malloc"] = steady_malloc()
     print(f"kvpool {kvpool.__version__} bench ({'quick' if args.quick else 'default'} run): "
           f"python {env['python']}, numba {env['numba']}, numpy {env['numpy']}, "
           f"{env['cpu_count']} x {env['cpu_model']}")
@@ -1158,6 +1176,8 @@ def main(argv=None):
           f"{' (uncommitted changes)' if env['kvpool_py_modified'] else ''}")
     print("ratio = peer_time / kvpool_time (medians): >1 means kvpool faster, "
           "<1 means kvpool slower")
+    print(f"malloc: {env['malloc'] or 'as the platform sets it'} (freed memory kept "
+          "in the process, so large arrays are not page-faulted in afresh each time)")
     if JIT_DISABLED:
         print("NUMBA_DISABLE_JIT=1: loop counts divided by 10-50; kvpool runs as plain Python")
     n, evictions = check_peer_semantics()

@@ -356,31 +356,35 @@ class MemoryPool:
         """How many blocks (up to ``n``) the chain at ``head`` has before a
         bad id or state; ``n + 1`` if it is exactly ``n`` long and ends.
         Records the good ids it passes in ``out`` from index ``at`` on,
-        wrapping to 0 at its end; an empty ``out`` records nothing."""
+        wrapping to 0 at its end; an empty ``out`` records nothing. Takes at
+        most ``total_blocks`` steps, so a corrupted cycle cannot trap it."""
         state = self.state
         link = self.link
         total = self.total_blocks
         size = out.shape[0]
+        steps = min(n, total)
         b = head
-        for i in range(n):
+        for i in range(steps):
             if b < 0 or b >= total or state[b] != (HEAD if i == 0 else LINK):
                 return i
             if size > 0:
                 out[at] = b
                 at = at + 1 if at + 1 < size else 0
             b = link[b]
+        if steps < n:                       # more good blocks than exist
+            return steps
         return n + 1 if b == NO_BLOCK and n > 0 else n
 
     def chain_blocks(self, head, n):
         """The ids of the chain at ``head``, at most ``n``, stopping early at
         a bad link or state (so a short result means a broken chain)."""
-        out = np.empty(max(n, 0), np.int64)
+        out = np.empty(max(min(n, self.total_blocks), 0), np.int64)
         return out[:min(self._walk(head, n, out, 0), out.shape[0])]
 
     def _chain(self, head, n):
         """``chain_blocks`` if ``head`` starts a chain of exactly ``n`` blocks,
         else an empty array."""
-        out = np.empty(max(n, 0), np.int64)
+        out = np.empty(max(min(n, self.total_blocks), 0), np.int64)
         return out if self._walk(head, n, out, 0) == n + 1 else out[:0]
 
     def _link_run(self, ids, first_state):

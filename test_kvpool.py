@@ -171,7 +171,7 @@ def test_pool_chain_api_from_njit():
     assert pool.count == 3
 
 
-def test_pool_chain_frees_refuse_a_cycle_and_change_nothing():
+def test_pool_chain_calls_refuse_a_cycle_and_change_nothing():
     pool = MemoryPool(8 * 16, 16)
     head = pool.alloc_chain(3, False)          # 0 -> 1 -> 2
     assert pool.release(pool.allocate()) == kvpool.OK     # ring: [3]
@@ -179,11 +179,17 @@ def test_pool_chain_frees_refuse_a_cycle_and_change_nothing():
     live = lambda: (pool.ring[pool.head:pool.head + pool.count].tolist(),
                     pool.state.tolist(), pool.head, pool.count)
     before = live()
-    for n in (3, 4, 7, 8, 100):                # 7: every block not free
+    buf = np.zeros(16, np.uint8)
+    for n in (3, 4, 7, 8, 100, 2 ** 62):       # 7: every block not free
         assert pool.free_chain(head, n) == kvpool.ERR_BAD_CHAIN
         assert pool.free_chains(np.array([head]), np.array([n])).size == 0
+        assert pool.resize_chain(head, n, 1, 0, True) == kvpool.ERR_BAD_CHAIN
+        assert pool.read_chain(head, n, 0, buf) == kvpool.ERR_BAD_CHAIN
+        assert pool.write_chain(head, n, 0, buf) == kvpool.ERR_BAD_CHAIN
+        assert pool.chain_blocks(head, n).tolist() == [0, 1, 2, 1, 2, 1, 2, 1][:n]
         assert live() == before
     pool.link[2] = kvpool.NO_BLOCK
+    assert pool.chain_blocks(head, 2 ** 62).tolist() == [0, 1, 2]
     assert pool.free_chain(head, 3) == kvpool.OK
     assert pool.ring[:4].tolist() == [3, 0, 1, 2] and pool.count == 4
 
