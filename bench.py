@@ -120,9 +120,9 @@ def steady_malloc():
     except (OSError, AttributeError):
         return None
     settings = {"M_MMAP_THRESHOLD": (-3, 32 << 20), "M_TRIM_THRESHOLD": (-1, 1 << 30)}
-    if not all(mallopt(param, value) == 1 for param, value in settings.values()):
-        return None
-    return {name: value for name, (_, value) in settings.items()}
+    done = {name: value for name, (param, value) in settings.items()
+            if mallopt(param, value) == 1}
+    return done or None
 
 
 def timed(unit, ops, repeats, setup=None, warmup=1):
@@ -607,9 +607,10 @@ def copyto_twice(region, data, n):
 
 
 def data_manager(size, bs, scattered, seed):
-    """A manager holding one entry "e" of ``size`` bytes: on adjacent blocks
-    (a fresh pool hands out increasing ids), or on blocks scattered over an
-    arena twice as big (one-block entries freed in a random order first)."""
+    """A manager (arena ``4 * size``) holding one entry "e" of ``size`` bytes:
+    on adjacent blocks (a fresh pool hands out increasing ids), or on blocks
+    scattered over the first ``2 * size`` bytes (one-block entries there are
+    freed in a random order first, and the entry reuses their blocks)."""
     m = KVCacheManager(4 * size, bs)
     if scattered:
         n = -(-size // bs)
@@ -1021,7 +1022,7 @@ def targets():
             and x.get("block_size") == 1024]
     if rows:
         worst = min(x["ratio"] for x in rows)
-        out.append(("data bandwidth, 1 KiB blocks (>= 64 KiB)", f"worst ratio {worst:.2f}",
+        out.append(("data bandwidth, 1 KiB blocks (>= 64 KiB)", f"worst ratio {worst:.3f}",
                     "ratio >= 0.50", worst >= 0.5))
     r = value_of("6", "LRU minus none, kvpool")
     if r:

@@ -110,12 +110,16 @@ def _pop(ring, total, head, count, bump):
 
 
 @njit
+def _tail(total, head, count):
+    """The ring slot just past the last of ``count`` ids from ``head``."""
+    tail = head + count
+    return tail - total if tail >= total else tail
+
+
+@njit
 def _push(ring, state, total, head, count, block):
     """Append ``block`` to the ring tail, marked FREE; the new count."""
-    tail = head + count
-    if tail >= total:
-        tail -= total
-    ring[tail] = block
+    ring[_tail(total, head, count)] = block
     state[block] = FREE
     return count + 1
 
@@ -375,16 +379,21 @@ class MemoryPool:
             return steps
         return n + 1 if b == NO_BLOCK and n > 0 else n
 
+    def _id_buffer(self, n):
+        """Room for the ids of a chain of ``n`` blocks (no chain is longer
+        than the pool)."""
+        return np.empty(max(min(n, self.total_blocks), 0), np.int64)
+
     def chain_blocks(self, head, n):
         """The ids of the chain at ``head``, at most ``n``, stopping early at
         a bad link or state (so a short result means a broken chain)."""
-        out = np.empty(max(min(n, self.total_blocks), 0), np.int64)
-        return out[:min(self._walk(head, n, out, 0), out.shape[0])]
+        out = self._id_buffer(n)
+        return out[:self._walk(head, n, out, 0)]
 
     def _chain(self, head, n):
         """``chain_blocks`` if ``head`` starts a chain of exactly ``n`` blocks,
         else an empty array."""
-        out = np.empty(max(min(n, self.total_blocks), 0), np.int64)
+        out = self._id_buffer(n)
         return out if self._walk(head, n, out, 0) == n + 1 else out[:0]
 
     def _link_run(self, ids, first_state):
@@ -466,15 +475,14 @@ class MemoryPool:
     def free_chain(self, head, n):
         """Free one chain of ``n`` blocks to the ring tail, in chain order;
         ``OK``, or ``ERR_BAD_CHAIN`` (freeing nothing). One walk: the ids are
-        written into the ring's unused slots past the tail, then counted in."""
+        written into the ring's unused slots past the tail, then counted in
+        (a refused chain may leave ids in those unused slots, nothing else)."""
         ring = self.ring
         total = self.total_blocks
         count = self.count
-        if n > total - count:               # more than are in use
-            return ERR_BAD_CHAIN
-        tail = self.head + count
-        if tail >= total:
-            tail -= total
+        if n > total - count:               # more than the ring has room for
+            return ERR_BAD_CHAIN            # (so more than are in use)
+        tail = _tail(total, self.head, count)
         if self._walk(head, n, ring, tail) != n + 1:
             return ERR_BAD_CHAIN
         state = self.state
@@ -518,7 +526,7 @@ class MemoryPool:
         ``offset`` bytes in; ``OK`` or an ``ERR_*`` code, copying nothing.
         Blocks adjacent in the arena are copied as one run; a ``buf`` that
         overlaps the arena goes through a copy, as memmove would."""
-        if self._walk(head, n, self.ring[:0], 0) != n + 1:
+        if self._walk(head, n, self.ring[:0], 0) != n + 1:   # (records nothing)
             return ERR_BAD_CHAIN
         size = buf.shape[0]
         bs = self.block_size
@@ -526,11 +534,15 @@ class MemoryPool:
             return ERR_RANGE
         arena = self.arena
         lo = arena.ctypes.data
-        overlap = (size > 0 and buf.ctypes.data < lo + arena.shape[0]
-                   and lo < buf.ctypes.data + size)
+        first = buf.ctypes.data                 # buf's bytes, at any stride
+        last = first + (size - 1) * buf.strides[0]
+        overlap = (size > 0 and min(first, last) < lo + arena.shape[0]
+                   and lo <= max(first, last))
         user_buf = buf
-        if overlap:
+        if overlap and into_arena:
             buf = user_buf.copy()
+        elif overlap:
+            buf = np.empty(size, np.uint8)      # filled, then copied out
         link = self.link
         b = head
         for i in range(offset // bs):
@@ -1001,7 +1013,7 @@ class KVCacheManager:
                 if key in seen:
                     raise KeyError(f"key {key!r} appears twice in keys")
                 seen.add(key)
-        if not self._cache.keys().isdisjoint(fresh):   # O(len(keys))
+        if not self._cache.keys().isdisjoint(fresh):   # walks the smaller
             for key in keys:
                 self._check_new_key(key)       # raises for the first live one
 

@@ -195,19 +195,53 @@ def test_pool_chain_calls_refuse_a_cycle_and_change_nothing():
 
 
 @pytest.mark.parametrize("into_arena", [True, False])
-def test_pool_copies_through_an_overlapping_buffer_like_memmove(into_arena):
-    pool = MemoryPool(8 * 16, 16)
-    head = pool.alloc_chain(3, False)          # blocks 0, 1, 2: one 48-byte run
-    pool.arena[:] = np.arange(128, dtype=np.uint8)
-    before = pool.arena.copy()
-    if into_arena:       # the chain's bytes 8..40 from arena bytes 0..32
-        status = pool.write_chain(head, 3, 8, pool.arena[0:32])
-    else:                # arena bytes 8..40 from the chain's bytes 0..32
-        status = pool.read_chain(head, 3, 0, pool.arena[8:40])
-    assert status == kvpool.OK
+@pytest.mark.parametrize("where", [np.s_[64:96], np.s_[103:39:-2], np.s_[20:116:3]])
+def test_pool_copies_through_an_overlapping_buffer_like_memmove(into_arena, where):
+    big = np.arange(256, dtype=np.uint8)
+    pool = MemoryPool(8 * 16, 16, big[64:192])
+    head = pool.alloc_chain(3, False)          # blocks 0, 1, 2 = big[64:112]
+    before = big.copy()
     expected = before.copy()
-    expected[8:40] = before[0:32]
-    assert np.array_equal(pool.arena, expected)
+    if into_arena:       # the chain's bytes 8..40 from big[where]
+        status = pool.write_chain(head, 3, 8, big[where])
+        expected[72:104] = before[where]
+    else:                # big[where] from the chain's bytes 0..32
+        status = pool.read_chain(head, 3, 0, big[where])
+        expected[where] = before[64:96]
+    assert status == kvpool.OK
+    assert np.array_equal(big, expected)
+
+
+def test_pool_chain_calls_refuse_lengths_past_a_full_pool():
+    pool = MemoryPool(4 * 16, 16)
+    head = pool.alloc_chain(4, False)          # every block
+    buf = np.zeros(16, np.uint8)
+    before = (pool.state.tolist(), pool.link.tolist(), pool.count, pool.bump)
+    for n in (5, 2 ** 62):
+        assert pool.read_chain(head, n, 0, buf) == kvpool.ERR_BAD_CHAIN
+        assert pool.write_chain(head, n, 0, buf) == kvpool.ERR_BAD_CHAIN
+        assert pool.resize_chain(head, n, 4, 0, False) == kvpool.ERR_BAD_CHAIN
+        assert pool.free_chain(head, n) == kvpool.ERR_BAD_CHAIN
+        assert pool.free_chains(np.array([head]), np.array([n])).size == 0
+        assert pool.chain_blocks(head, n).tolist() == [0, 1, 2, 3]
+    assert (pool.state.tolist(), pool.link.tolist(), pool.count, pool.bump) == before
+
+
+@pytest.mark.parametrize("heads, counts", [
+    ([0, 3], [3, 1]),           # a good chain, then one of the wrong length
+    ([0, 4], [3, 1]),           # a good chain, then a LINK block as a head
+    ([5, 5], [1, 1]),           # the same one-block chain twice
+    ([0, 1], [3, 2]),           # overlapping chains
+])
+def test_pool_free_chains_refusing_a_later_chain_frees_none(heads, counts):
+    pool = MemoryPool(8 * 16, 16)
+    assert pool.alloc_chains(np.array([3, 2, 1]), False).tolist() == [0, 3, 5]
+    before = (pool.state.tolist(), pool.link.tolist(), pool.count, pool.head,
+              pool.bump)
+    assert pool.free_chains(np.array(heads), np.array(counts)).size == 0
+    after = (pool.state.tolist(), pool.link.tolist(), pool.count, pool.head,
+             pool.bump)
+    assert after == before
 
 
 # -- KVCacheManager: the original design's tests, with their numbers -------------
@@ -641,6 +675,14 @@ def test_batch_allocate_and_remove():
     m.check_invariants()
     with pytest.raises(PoolExhaustedError):
         KVCacheManager(64, 16).allocate_entries(["a", "b"], [48, 32])
+
+
+def test_batch_sizes_from_a_small_integer_array_are_plain_ints():
+    m = KVCacheManager(1 << 17, 64)
+    entries = m.allocate_entries(["a", "b"], np.array([30000, 30000], np.int16))
+    assert [type(e.size) for e in entries] == [int, int]
+    assert m.stats.used_memory == 60000
+    m.check_invariants()
 
 
 # -- bytes ------------------------------------------------------------------------
