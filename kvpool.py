@@ -1164,7 +1164,8 @@ class KVCacheManager:
                     if key in seen:
                         result[i] = None
                     seen.add(key)
-            reports = self._release(list(filter(None, result)), "manual")
+            reports = self._release([e for e in result if e is not None],
+                                    "manual")
         if reports:
             self._deliver(reports)
         return result
