@@ -1177,8 +1177,9 @@ def main(argv=None):
           f"{' (uncommitted changes)' if env['kvpool_py_modified'] else ''}")
     print("ratio = peer_time / kvpool_time (medians): >1 means kvpool faster, "
           "<1 means kvpool slower")
-    print(f"malloc: {env['malloc'] or 'as the platform sets it'} (freed memory kept "
-          "in the process, so large arrays are not page-faulted in afresh each time)")
+    print(f"malloc: {env['malloc']} (freed memory kept in the process, so large arrays "
+          "are not page-faulted in afresh each time)" if env["malloc"] else
+          "malloc: as the platform sets it (mallopt unavailable)")
     if JIT_DISABLED:
         print("NUMBA_DISABLE_JIT=1: loop counts divided by 10-50; kvpool runs as plain Python")
     n, evictions = check_peer_semantics()
