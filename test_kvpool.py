@@ -2889,24 +2889,18 @@ def _long_run(n_ops, seed, check_every=10_000):
     return m.stats, checks
 
 
-def test_long_run_100k():
+@pytest.mark.parametrize("n_ops, seed", [
+    (100_000, 12345),
+    pytest.param(1_000_000, 777, marks=pytest.mark.slow),
+])
+def test_long_run(n_ops, seed):
     start = time.perf_counter()
-    stats, checks = _long_run(100_000, seed=12345)
+    stats, checks = _long_run(n_ops, seed=seed)
     elapsed = time.perf_counter() - start
-    assert checks == 10
-    assert stats.allocations > 10_000 and stats.lru_evictions > 1_000
-    assert stats.hits > 1_000 and stats.misses > 1_000
-    print(f"long run 100k: {elapsed:.1f} s, {stats}")
-
-
-@pytest.mark.slow
-def test_long_run_1m():
-    start = time.perf_counter()
-    stats, checks = _long_run(1_000_000, seed=777)
-    elapsed = time.perf_counter() - start
-    assert checks == 100
-    assert stats.allocations > 100_000 and stats.lru_evictions > 10_000
-    print(f"long run 1M: {elapsed:.1f} s, {stats}")
+    assert checks == n_ops // 10_000
+    assert stats.allocations > n_ops // 10 and stats.lru_evictions > n_ops // 100
+    assert stats.hits > n_ops // 100 and stats.misses > n_ops // 100
+    print(f"long run {n_ops:,}: {elapsed:.1f} s, {stats}")
 
 
 # -- small contracts ---------------------------------------------------------------
