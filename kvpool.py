@@ -440,36 +440,38 @@ class MemoryPool:
             self._zero(ids, 0)
         return ids[0]
 
-    def free_chains(self, heads, counts):
-        """Free the chains at ``heads`` (``counts[k]`` blocks each) to the ring
-        tail, chain by chain in order; return all their ids in that order, or
-        an empty array (freeing nothing) if any is not such a chain."""
-        m = heads.shape[0]
-        if counts.shape[0] != m:
-            return np.empty(0, np.int64)
-        need = 0
-        for k in range(m):
-            if counts[k] < 1 or counts[k] > self.total_blocks - need:
-                return np.empty(0, np.int64)
-            need += counts[k]
-        ids = np.empty(need, np.int64)
+    def free_chains(self, heads):
+        """Free the whole chains at ``heads`` to the ring tail, chain by chain
+        in order; return all their ids in that order, or an empty array
+        (freeing nothing) if any head does not start a chain that ends in
+        ``NO_BLOCK``, or two share a block. One walk per chain, staging the
+        ids in the ring's unused slots past the tail as ``free_chain`` does."""
+        ring = self.ring
         state = self.state
-        pos = 0
-        bad = -1
-        for k in range(m):
-            if self._walk(heads[k], counts[k], ids, pos) != counts[k] + 1:
-                bad = k
-                break
-            for i in range(pos, pos + counts[k]):
-                state[ids[i]] = FREE        # mark, so an overlap shows up
-            pos += counts[k]
-        if bad >= 0:                        # undo the marks
-            pos = 0
-            for k in range(bad):
-                self._link_run(ids[pos:pos + counts[k]], HEAD)
-                pos += counts[k]
-            return ids[:0]
-        self._put(ids)
+        total = self.total_blocks
+        count = self.count
+        start = _tail(total, self.head, count)
+        at = start
+        done = 0
+        for k in range(heads.shape[0]):
+            room = total - count - done     # no valid chain is longer
+            got = self._walk(heads[k], room, ring, at)
+            if got > room:                  # exactly fills the room, and ends
+                got = room
+            elif got == 0 or self.link[ring[(at + got - 1) % total]] != NO_BLOCK:
+                for i in range(done):       # undo the marks of chains 0..k-1
+                    state[ring[(start + i) % total]] = LINK
+                for j in range(k):
+                    state[heads[j]] = HEAD
+                return np.empty(0, np.int64)
+            for i in range(got):
+                state[ring[at]] = FREE      # mark, so an overlap shows up
+                at = at + 1 if at + 1 < total else 0
+            done += got
+        ids = np.empty(done, np.int64)
+        for i in range(done):
+            ids[i] = ring[(start + i) % total]
+        self.count = count + done
         return ids
 
     def free_chain(self, head, n):
@@ -593,7 +595,7 @@ class _PoolMethods(dict):
         "alloc_chain": (int64, boolean),
         "alloc_chains": (int64[::1], boolean),
         "free_chain": (int64, int64),
-        "free_chains": (int64[::1], int64[::1]),
+        "free_chains": (int64[::1],),
         "resize_chain": (int64, int64, int64, int64, boolean),
         "write_chain": (int64, int64, int64, uint8[::1]),
         "read_chain": (int64, int64, int64, uint8[::1]),
@@ -981,9 +983,9 @@ class KVCacheManager:
                 flat = items
         else:
             items = list(sizes)
-            if set(map(type, items)) <= {int}:        # no bools, no floats
+            if list(map(type, items)).count(int) == len(items):  # no bools
                 try:
-                    flat = np.array(items, np.int64)
+                    flat = np.fromiter(items, np.int64, len(items))
                 except OverflowError:
                     pass
         if flat is not None and (flat.size == 0 or (
@@ -1207,16 +1209,16 @@ class KVCacheManager:
             self._forget(entries, reason)
             return None
         heads = np.fromiter(map(_BLOCK, entries), np.int64, len(entries))
-        counts = np.fromiter(map(_N_BLOCKS, entries), np.int64, len(entries))
-        ids = _POOL["free_chains"](pool, heads, counts)
-        assert ids.shape[0] == counts.sum(), "an entry has no valid chain"
+        ids = _POOL["free_chains"](pool, heads)
+        assert ids.shape[0] > 0, "an entry has no valid chain"
         if not self._listeners:
             self._forget(entries, reason)
             return None
         reports = []
         used = pool.used_blocks + len(ids)      # as if removed one by one
         now = time.monotonic()
-        for entry, run in zip(entries, np.split(ids, np.cumsum(counts)[:-1])):
+        ends = np.cumsum(list(map(_N_BLOCKS, entries)))[:-1]
+        for entry, run in zip(entries, np.split(ids, ends)):
             before = self._snapshot(used)
             used -= entry.n_blocks
             self._forget((entry,), reason, (run,))
@@ -1235,7 +1237,8 @@ class KVCacheManager:
             del cache[entry.key]
             entry._pool = None
             size += entry.size
-            pinned += entry.pinned
+            if entry.pinned:
+                pinned += 1
         for entry, ids in zip(entries, runs):
             if entry._blocks is None:
                 ids.flags.writeable = False

@@ -180,9 +180,9 @@ def test_pool_chain_calls_refuse_a_cycle_and_change_nothing():
                     pool.state.tolist(), pool.head, pool.count)
     before = live()
     buf = np.zeros(16, np.uint8)
+    assert pool.free_chains(np.array([head])).size == 0
     for n in (3, 4, 7, 8, 100, 2 ** 62):       # 7: every block not free
         assert pool.free_chain(head, n) == kvpool.ERR_BAD_CHAIN
-        assert pool.free_chains(np.array([head]), np.array([n])).size == 0
         assert pool.resize_chain(head, n, 1, 0, True) == kvpool.ERR_BAD_CHAIN
         assert pool.read_chain(head, n, 0, buf) == kvpool.ERR_BAD_CHAIN
         assert pool.write_chain(head, n, 0, buf) == kvpool.ERR_BAD_CHAIN
@@ -222,23 +222,51 @@ def test_pool_chain_calls_refuse_lengths_past_a_full_pool():
         assert pool.write_chain(head, n, 0, buf) == kvpool.ERR_BAD_CHAIN
         assert pool.resize_chain(head, n, 4, 0, False) == kvpool.ERR_BAD_CHAIN
         assert pool.free_chain(head, n) == kvpool.ERR_BAD_CHAIN
-        assert pool.free_chains(np.array([head]), np.array([n])).size == 0
         assert pool.chain_blocks(head, n).tolist() == [0, 1, 2, 3]
     assert (pool.state.tolist(), pool.link.tolist(), pool.count, pool.bump) == before
 
 
-@pytest.mark.parametrize("heads, counts", [
-    ([0, 3], [3, 1]),           # a good chain, then one of the wrong length
-    ([0, 4], [3, 1]),           # a good chain, then a LINK block as a head
-    ([5, 5], [1, 1]),           # the same one-block chain twice
-    ([0, 1], [3, 2]),           # overlapping chains
-])
-def test_pool_free_chains_refusing_a_later_chain_frees_none(heads, counts):
+def wrapped_pool():
+    """8 blocks: chains 0-1-2, 3-4 and 5 taken from ring slots 6, 7, 0, ...,
+    3; blocks 6 and 7 free in slots 4 and 5, so freed ids wrap past slot 7."""
     pool = MemoryPool(8 * 16, 16)
+    ids = np.empty(8, np.int64)
+    pool.allocate_n(ids)
+    assert pool.release_n(ids[:6]) == kvpool.OK
+    pool.allocate_n(ids[:6])                   # ring head now at slot 6
+    assert pool.release_n(np.arange(8)) == kvpool.OK
     assert pool.alloc_chains(np.array([3, 2, 1]), False).tolist() == [0, 3, 5]
+    assert (pool.head, pool.count) == (4, 2)
+    return pool
+
+
+def test_pool_free_chains_frees_whole_chains_in_order_across_the_ring_end():
+    pool = wrapped_pool()
+    assert pool.free_chains(np.array([5, 0, 3])).tolist() == [5, 0, 1, 2, 3, 4]
+    assert (pool.count, pool.used_blocks) == (8, 0)
+    ids = np.empty(8, np.int64)
+    pool.allocate_n(ids)
+    assert ids.tolist() == [6, 7, 5, 0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("heads, corrupt", [
+    ([0, 1], None),             # a good chain, then a LINK block as a head
+    ([0, 6], None),             # ... then a free block
+    ([0, 8], None),             # ... then ids out of range
+    ([0, -1], None),
+    ([5, 5], None),             # the same one-block chain twice
+    ([0, 5], (5, 1)),           # chains that share blocks (5 -> 1), both
+    ([5, 0], (5, 1)),           # orders
+    ([3, 5], (5, 6)),           # a chain that runs into a free block
+    ([3, 5], (5, 5)),           # a chain that never ends
+])
+def test_pool_free_chains_refusing_a_later_chain_frees_none(heads, corrupt):
+    pool = wrapped_pool()
+    if corrupt:
+        pool.link[corrupt[0]] = corrupt[1]
     before = (pool.state.tolist(), pool.link.tolist(), pool.count, pool.head,
               pool.bump)
-    assert pool.free_chains(np.array(heads), np.array(counts)).size == 0
+    assert pool.free_chains(np.array(heads)).size == 0
     after = (pool.state.tolist(), pool.link.tolist(), pool.count, pool.head,
              pool.bump)
     assert after == before
@@ -2950,8 +2978,7 @@ def test_load_zeroes_bytes_past_entry_sizes(tmp_path):
 
 @pytest.mark.parametrize("call", [
     lambda p: p.alloc_chains(np.array([2 ** 62] * 3 + [2 ** 62 + 1]), False),
-    lambda p: p.free_chains(np.array([0, 1]), np.array([1])),
-    lambda p: p.free_chains(np.array([0]), np.array([2 ** 62])),
+    lambda p: p.free_chains(np.array([0, 2 ** 62])),
 ])
 def test_pool_batch_chain_calls_refuse_impossible_counts(call):
     pool = MemoryPool(8 * 16, 16)
