@@ -396,25 +396,26 @@ class MemoryPool:
         out = self._id_buffer(n)
         return out if self._walk(head, n, out, 0) == n + 1 else out[:0]
 
-    def _link_run(self, ids, first_state):
-        """Chain ``ids`` in order, ending in ``NO_BLOCK``."""
+    def _link_run(self, ids, start, stop, first_state):
+        """Chain ``ids[start:stop]`` in order, ending in ``NO_BLOCK`` (indices,
+        not a slice: one view per chain costs more than the linking)."""
         link = self.link
         state = self.state
-        n = ids.shape[0]
-        for i in range(n - 1):
+        for i in range(start, stop - 1):
             link[ids[i]] = ids[i + 1]
             state[ids[i + 1]] = LINK
-        link[ids[n - 1]] = NO_BLOCK
-        state[ids[0]] = first_state
+        link[ids[stop - 1]] = NO_BLOCK
+        state[ids[start]] = first_state
 
     def alloc_chains(self, counts, zero):
         """One chain of ``counts[k]`` blocks per k, taken in pool order; return
         their heads, or an empty array (taking nothing) if any count < 1 or
         too few blocks are free. ``zero`` zeroes the blocks' bytes."""
         m = counts.shape[0]
+        free = self.free_blocks
         need = 0
         for k in range(m):
-            if counts[k] < 1 or counts[k] > self.free_blocks - need:
+            if counts[k] < 1 or counts[k] > free - need:
                 return np.empty(0, np.int64)          # (no int64 overflow)
             need += counts[k]
         ids = np.empty(need, np.int64)
@@ -422,7 +423,7 @@ class MemoryPool:
         heads = np.empty(m, np.int64)
         pos = 0
         for k in range(m):
-            self._link_run(ids[pos:pos + counts[k]], HEAD)
+            self._link_run(ids, pos, pos + counts[k], HEAD)
             heads[k] = ids[pos]
             pos += counts[k]
         if zero:
@@ -435,7 +436,7 @@ class MemoryPool:
             return NO_BLOCK
         ids = np.empty(n, np.int64)
         self._take(ids)
-        self._link_run(ids, HEAD)
+        self._link_run(ids, 0, n, HEAD)
         if zero:
             self._zero(ids, 0)
         return ids[0]
@@ -512,7 +513,7 @@ class MemoryPool:
         if n_new > n_old:
             added = np.empty(n_new - n_old, np.int64)
             self._take(added)
-            self._link_run(added, LINK)
+            self._link_run(added, 0, n_new - n_old, LINK)
             self.link[ids[n_old - 1]] = added[0]
             if zero:
                 self._zero(added, 0)
@@ -873,7 +874,6 @@ def _as_arena(buffer, total_size):
 
 # -- the manager -------------------------------------------------------------
 
-_BLOCK = operator.attrgetter("block")
 _N_BLOCKS = operator.attrgetter("n_blocks")
 
 
@@ -1208,7 +1208,7 @@ class KVCacheManager:
             assert status == OK, f"entry {entry!r} has no valid chain"
             self._forget(entries, reason)
             return None
-        heads = np.fromiter(map(_BLOCK, entries), np.int64, len(entries))
+        heads = np.fromiter([e.block for e in entries], np.int64, len(entries))
         ids = _POOL["free_chains"](pool, heads)
         assert ids.shape[0] > 0, "an entry has no valid chain"
         if not self._listeners:
