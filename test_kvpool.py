@@ -2537,6 +2537,39 @@ def test_threads_share_one_manager():
     print(f"threads: {_THREADS} x {_THREAD_OPS} ops in {elapsed:.1f} s; {s}")
 
 
+@pytest.mark.parametrize("call, error", [
+    (lambda m: m.allocate_entry("a", 10), KeyError),        # live key
+    (lambda m: m.allocate_entry("b", 10 ** 9), ValueError),
+    (lambda m: m.allocate_entry("b", 4 * 64), kvpool.PoolExhaustedError),
+    (lambda m: m.resize_entry("zz", 10), KeyError),
+    (lambda m: m.resize_entry("a", 1.5), TypeError),
+    (lambda m: m.remove_cache_entry([1]), TypeError),
+    (lambda m: m.remove_cache_entry("zz"), None),            # returns inside
+    (lambda m: m["zz"], KeyError),
+    (lambda m: m.get([1]), TypeError),
+])
+def test_hot_paths_free_the_lock_however_they_leave(call, error):
+    m = KVCacheManager(4 * 64, 64)
+    m.allocate_entry("a", 10)
+    if error is None:
+        call(m)
+    else:
+        with pytest.raises(error):
+            call(m)
+    got = []                  # the lock is reentrant: try from another thread
+
+    def try_lock():
+        got.append(m._lock.acquire(blocking=False))
+        if got[0]:
+            m._lock.release()
+
+    t = threading.Thread(target=try_lock)
+    t.start()
+    t.join()
+    assert got == [True]
+    m.check_invariants()
+
+
 # =============================================================================
 # Section 5: faults -- raising listeners, failing saves, failing data sources
 #
