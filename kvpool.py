@@ -1024,9 +1024,13 @@ class KVCacheManager:
                 self._check_new_key(key)       # raises for the first live one
 
     def _check_new_key(self, key):
-        if self._get(key) is not None:
-            raise KeyError(f"key {key!r} is already live; remove or resize "
-                           "its entry instead")
+        try:
+            if key not in self._cache:
+                return
+        except TypeError:
+            self._get(key)              # raises, naming the unhashable key
+        raise KeyError(f"key {key!r} is already live; remove or resize "
+                       "its entry instead")
 
     # adding ------------------------------------------------------------------
 
@@ -1255,16 +1259,18 @@ class KVCacheManager:
             size += entry.size
             if entry.pinned:
                 pinned += 1
-        for entry, ids in zip(entries, runs):
-            if entry._blocks is None:
-                ids.flags.writeable = False
-                entry._blocks = ids
+        if runs:
+            for entry, ids in zip(entries, runs):
+                if entry._blocks is None:
+                    ids.flags.writeable = False
+                    entry._blocks = ids
         self._active_entries -= len(entries)
         self._used_memory -= size
         self._evictions[reason] += len(entries)
-        self._pinned_entries -= pinned
-        if reason == "lru":
-            self._pinned_lru_evictions += pinned
+        if pinned:
+            self._pinned_entries -= pinned
+            if reason == "lru":
+                self._pinned_lru_evictions += pinned
         assert self._active_entries == len(cache), (
             f"active_entries={self._active_entries} != len(cache)={len(cache)}")
 
