@@ -961,7 +961,8 @@ class KVCacheManager:
 
     def _get(self, key):
         """The live entry for ``key`` or None; ``TypeError`` naming an
-        unhashable key (the one place that translates it)."""
+        unhashable key (the one place that translates it: hot paths look the
+        key up themselves and come here only when that raised)."""
         try:
             return self._cache.get(key)
         except TypeError:
@@ -1309,7 +1310,10 @@ class KVCacheManager:
     def _lookup(self, key):
         """The entry or None, counting a hit (and making it most recently
         used) or a miss."""
-        entry = self._get(key)
+        try:
+            entry = self._cache.get(key)
+        except TypeError:
+            entry = self._get(key)      # raises, naming the key
         if entry is None:
             self._misses += 1
         else:
