@@ -898,8 +898,9 @@ class KVCacheManager:
     threads; the pool itself, driven from compiled code, is the caller's to
     guard. The per-entry hot paths (``allocate_entry``, ``resize_entry``,
     ``remove_cache_entry``, ``get``, ``m[key]``) take it with ``acquire`` and
-    ``try``/``finally`` instead of ``with``: about 90 ns less per call. Every argument is checked before anything changes: a bad call
-    raises and leaves the manager as it was.
+    ``try``/``finally`` instead of ``with``: about 90 ns less per call.
+    Every argument is checked before anything changes: a bad call raises and
+    leaves the manager as it was.
     """
 
     def __init__(self, total_size, block_size=64, *, eviction="none",
