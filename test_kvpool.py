@@ -21,7 +21,7 @@ import time
 import numba
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
@@ -270,6 +270,43 @@ def test_pool_free_chains_refusing_a_later_chain_frees_none(heads, corrupt):
     after = (pool.state.tolist(), pool.link.tolist(), pool.count, pool.head,
              pool.bump)
     assert after == before
+
+
+def pool_state(pool):
+    """The pool's whole bookkeeping: the live ring, states, links, counters."""
+    live = [pool.ring[(pool.head + i) % pool.total_blocks]
+            for i in range(pool.count)]
+    return (live, pool.state.tolist(), pool.link.tolist(), pool.head,
+            pool.count, pool.bump, pool.peak_used)
+
+
+@settings(max_examples=150, deadline=None)
+@given(total=st.integers(1, 8),
+       steps=st.lists(st.tuples(st.booleans(), st.integers(1, 8),
+                                st.integers(0, 7)), max_size=40),
+       rnd=st.randoms(use_true_random=False))
+def test_pool_free_chains_equals_freeing_one_by_one(total, steps, rnd):
+    """Whatever the ring's wrap, free_chains(heads) leaves the pool exactly
+    as free_chain(head, n) for each head in turn does."""
+    pools = [MemoryPool(total * 16, 16) for _ in range(2)]
+    live = {}                                  # head -> blocks
+    for take, n, i in steps:                   # the same history on both
+        if take:
+            heads = [p.alloc_chain(n, False) for p in pools]
+            assert heads[0] == heads[1]
+            if heads[0] != NO_BLOCK:
+                live[heads[0]] = n
+        elif live:
+            h = sorted(live)[i % len(live)]
+            n = live.pop(h)
+            assert [p.free_chain(h, n) for p in pools] == [OK, OK]
+    chosen = rnd.sample(sorted(live), rnd.randint(0, len(live)))
+    expected = [b for h in chosen for b in pools[1].chain_blocks(h, live[h])]
+    for h in chosen:
+        assert pools[1].free_chain(h, live[h]) == OK
+    assert pools[0].free_chains(np.array(chosen, np.int64)).tolist() == expected
+    assert pool_state(pools[0]) == pool_state(pools[1])
+
 
 
 # -- KVCacheManager: the original design's tests, with their numbers -------------
