@@ -255,6 +255,7 @@ def test_pool_free_chains_frees_whole_chains_in_order_across_the_ring_end():
     ([0, 8], None),             # ... then ids out of range
     ([0, -1], None),
     ([5, 5], None),             # the same one-block chain twice
+    ([0, 3, 5, 0], None),       # ... after every chain: the ring is full
     ([0, 5], (5, 1)),           # chains that share blocks (5 -> 1), both
     ([5, 0], (5, 1)),           # orders
     ([3, 5], (5, 6)),           # a chain that runs into a free block
