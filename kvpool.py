@@ -1128,7 +1128,10 @@ class KVCacheManager:
                 n_new = -(-new_size // self._block_size)    # the common case
             else:
                 n_new, new_size = self._blocks_for(new_size, "new_size")
-            entry = self._entry(key)
+            try:
+                entry = self._cache[key]
+            except (KeyError, TypeError):
+                entry = self._entry(key)        # raises, naming the key
             n_old = entry.n_blocks
             reports = None
             if n_new != n_old or (self._zero and new_size < entry.size):
@@ -1160,7 +1163,10 @@ class KVCacheManager:
         One compiled call."""
         self._lock.acquire()    # not "with": see the class docstring
         try:
-            entry = self._get(key)
+            try:
+                entry = self._cache.get(key)
+            except TypeError:
+                entry = self._get(key)          # raises, naming the key
             if entry is None:
                 return None
             reports = self._release((entry,), "manual")
