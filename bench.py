@@ -519,6 +519,44 @@ def case_batch(cfg):
     single = timed(lambda m: singles_loop(m, keys, sizes, rounds), ops, cfg.repeats, crowded)
     row("2", f"same, beside {live:,} live entries", "ns/entry", batch, single,
         "kvpool single calls", note="informational")
+    # Each half alone: ``rounds`` batches of distinct keys, into or out of one manager.
+    groups = [list(range(r * n, (r + 1) * n)) for r in range(rounds)]
+    empty = lambda: KVCacheManager(rounds * n * bs, bs)
+    def full():
+        m = empty()
+        m.allocate_entries(range(rounds * n), [bs] * (rounds * n))
+        return m
+    for what, setup, batched, singly in (
+            ("allocate_entries vs allocate_entry", empty, allocate_groups, allocate_singly),
+            ("remove_cache_entries vs remove_cache_entry", full, remove_groups, remove_singly)):
+        row("2", what, "ns/entry", timed(lambda m: batched(m, groups, sizes), ops, cfg.repeats,
+                                         setup),
+            timed(lambda m: singly(m, groups, sizes), ops, cfg.repeats, setup),
+            "kvpool single calls", note="informational")
+
+
+def allocate_groups(m, groups, sizes):
+    for keys in groups:
+        m.allocate_entries(keys, sizes)
+
+
+def allocate_singly(m, groups, sizes):
+    allocate = m.allocate_entry
+    for keys in groups:
+        for key, size in zip(keys, sizes):
+            allocate(key, size)
+
+
+def remove_groups(m, groups, _sizes):
+    for keys in groups:
+        m.remove_cache_entries(keys)
+
+
+def remove_singly(m, groups, _sizes):
+    remove = m.remove_cache_entry
+    for keys in groups:
+        for key in keys:
+            remove(key)
 
 
 # -- case 3: block-level batches on the pool ----------------------------------------
