@@ -497,6 +497,30 @@ def singles_loop(m, keys, sizes, rounds):
             remove(key)
 
 
+def allocate_groups(m, groups, sizes):
+    for keys in groups:
+        m.allocate_entries(keys, sizes)
+
+
+def allocate_singly(m, groups, sizes):
+    allocate = m.allocate_entry
+    for keys in groups:
+        for key, size in zip(keys, sizes):
+            allocate(key, size)
+
+
+def remove_groups(m, groups, _sizes):
+    for keys in groups:
+        m.remove_cache_entries(keys)
+
+
+def remove_singly(m, groups, _sizes):
+    remove = m.remove_cache_entry
+    for keys in groups:
+        for key in keys:
+            remove(key)
+
+
 def case_batch(cfg):
     bs, n, rounds = 64, cfg.batch_entries, cfg.batch_rounds
     keys = list(range(n))
@@ -533,30 +557,6 @@ def case_batch(cfg):
                                          setup),
             timed(lambda m: singly(m, groups, sizes), ops, cfg.repeats, setup),
             "kvpool single calls", note="informational")
-
-
-def allocate_groups(m, groups, sizes):
-    for keys in groups:
-        m.allocate_entries(keys, sizes)
-
-
-def allocate_singly(m, groups, sizes):
-    allocate = m.allocate_entry
-    for keys in groups:
-        for key, size in zip(keys, sizes):
-            allocate(key, size)
-
-
-def remove_groups(m, groups, _sizes):
-    for keys in groups:
-        m.remove_cache_entries(keys)
-
-
-def remove_singly(m, groups, _sizes):
-    remove = m.remove_cache_entry
-    for keys in groups:
-        for key in keys:
-            remove(key)
 
 
 # -- case 3: block-level batches on the pool ----------------------------------------
