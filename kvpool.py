@@ -97,45 +97,427 @@ FORMAT_VERSION = 1       # of the .npz snapshot written by KVCacheManager.save
 
 
 # -- the pool (compiled) -----------------------------------------------------
+#
+# The pool is three arrays, and every piece of its logic is a module-level
+# kernel over them, compiled once and cached on disk (``cache=True``): the
+# manager calls the kernels' compiled entry points directly, and the
+# ``MemoryPool`` jitclass below is a thin face over the same kernels and the
+# same arrays, compiled only when something needs it.
+#
+#   arena  uint8[n * block_size]   the bytes
+#   state  uint8[n]                NEVER / FREE / HELD / HEAD / LINK per block
+#   meta   int64[2n + 8]           | ring (n) | link (n) | counters (8) |
+#
+# The counters sit in ``meta`` so that a kernel can update them and so that a
+# call passes three arrays, not five (each array crossing the boundary costs
+# about 30 ns from the interpreter).
 
-@njit
-def _pop(ring, total, head, count, bump):
-    """The next id in allocation order (the oldest freed, else the next
-    never-used) and the new ``(head, count, bump)``."""
-    if count > 0:
-        block = ring[head]
-        head += 1
-        return block, (0 if head == total else head), count - 1, bump
-    return bump, head, count, bump + 1
+C_HEAD = 0               # ring slot of the oldest freed block
+C_COUNT = 1              # freed blocks in the ring
+C_BUMP = 2               # the next never-used id
+C_PEAK = 3               # the most blocks in use at once (since reset)
+C_BLOCK_SIZE = 4         # bytes per block
+_N_COUNTERS = 8          # (three spare)
 
 
-@njit
+def _pool_arrays(n_blocks, block_size, arena=None):
+    """``(arena, state, meta)`` of a new pool of ``n_blocks`` blocks: every
+    block never used, the ring empty. ``arena`` given is used without a copy
+    (its first ``n_blocks * block_size`` bytes); else a new zeroed one."""
+    meta = np.zeros(2 * n_blocks + _N_COUNTERS, np.int64)
+    meta[n_blocks:2 * n_blocks] = NO_BLOCK
+    meta[2 * n_blocks + C_BLOCK_SIZE] = block_size
+    if arena is None:
+        arena = np.zeros(n_blocks * block_size, np.uint8)
+    return arena[:n_blocks * block_size], np.zeros(n_blocks, np.uint8), meta
+
+
+@njit(cache=True)
+def _parts(state, meta):
+    """The ring, link and counter views of ``meta``."""
+    n = state.shape[0]
+    return meta[:n], meta[n:2 * n], meta[2 * n:]
+
+
+@njit(cache=True)
+def _free_count(state, meta):
+    """Blocks that can be handed out now: freed ones plus never-used ones."""
+    ctr = meta[2 * state.shape[0]:]
+    return ctr[C_COUNT] + state.shape[0] - ctr[C_BUMP]
+
+
+@njit(cache=True)
 def _tail(total, head, count):
     """The ring slot just past the last of ``count`` ids from ``head``."""
     tail = head + count
     return tail - total if tail >= total else tail
 
 
-@njit
-def _push(ring, state, total, head, count, block):
-    """Append ``block`` to the ring tail, marked FREE; the new count."""
-    ring[_tail(total, head, count)] = block
-    state[block] = FREE
-    return count + 1
+@njit(cache=True)
+def _take(state, meta, out, mark):
+    """Fill ``out`` with the next ``len(out)`` ids in allocation order (the
+    oldest freed first, then never-used ids in increasing order) and mark
+    them ``mark``. The caller has checked that enough are free."""
+    ring, link, ctr = _parts(state, meta)
+    total = state.shape[0]
+    head = ctr[C_HEAD]
+    count = ctr[C_COUNT]
+    bump = ctr[C_BUMP]
+    for i in range(out.shape[0]):
+        if count > 0:
+            block = ring[head]
+            head = head + 1 if head + 1 < total else 0
+            count -= 1
+        else:
+            block = bump
+            bump += 1
+        out[i] = block
+        state[block] = mark
+    ctr[C_HEAD] = head
+    ctr[C_COUNT] = count
+    ctr[C_BUMP] = bump
+    if bump - count > ctr[C_PEAK]:
+        ctr[C_PEAK] = bump - count
 
 
-@jitclass([
-    ("arena", uint8[::1]),
-    ("block_size", int64),
-    ("total_blocks", int64),
-    ("ring", int64[::1]),
-    ("head", int64),
-    ("count", int64),
-    ("bump", int64),
-    ("state", uint8[::1]),
-    ("link", int64[::1]),
-    ("peak_used", int64),
-])
+@njit(cache=True)
+def _put(state, meta, ids):
+    """Append ``ids`` (checked by the caller) to the ring tail in order,
+    marked FREE."""
+    ring, link, ctr = _parts(state, meta)
+    total = state.shape[0]
+    count = ctr[C_COUNT]
+    at = _tail(total, ctr[C_HEAD], count)
+    for i in range(ids.shape[0]):
+        ring[at] = ids[i]
+        state[ids[i]] = FREE
+        at = at + 1 if at + 1 < total else 0
+    ctr[C_COUNT] = count + ids.shape[0]
+
+
+@njit(cache=True)
+def _zero(arena, block_size, ids, start):
+    """Zero the bytes of blocks ``ids`` from byte ``start`` of the run on."""
+    bs = block_size
+    first = start // bs
+    for i in range(first, ids.shape[0]):
+        lo = ids[i] * bs + (start % bs if i == first else 0)
+        span = arena[lo:(ids[i] + 1) * bs]   # a view: the loop vectorizes
+        for j in range(span.shape[0]):
+            span[j] = 0
+
+
+# block API: the caller owns the ids (state HELD) --------------------------------
+
+@njit(cache=True)
+def _allocate_n(state, meta, out):
+    """Take ``len(out)`` blocks into ``out``; ``len(out)``, or 0 (taking
+    nothing) when fewer are free."""
+    if out.shape[0] > _free_count(state, meta):
+        return 0
+    _take(state, meta, out, HELD)
+    return out.shape[0]
+
+
+@njit(cache=True)
+def _allocate(state, meta):
+    """Take one block; its id, or ``NO_BLOCK`` when none is free."""
+    if _free_count(state, meta) == 0:
+        return NO_BLOCK
+    out = np.empty(1, np.int64)
+    _take(state, meta, out, HELD)
+    return out[0]
+
+
+@njit(cache=True)
+def _release_status(state, ids):
+    """``(index, status)`` of the first id in ``ids`` that a release refuses,
+    or ``(-1, OK)``: out of range, a repeat, a chain's block, or not taken.
+    Marks the ids it passes FREE and then restores them (a repeat shows as
+    no longer HELD), so ``state`` ends as it began."""
+    total = state.shape[0]
+    bad = -1
+    status = OK
+    for i in range(ids.shape[0]):
+        b = ids[i]
+        if b < 0 or b >= total:
+            bad, status = i, ERR_RANGE
+            break
+        s = state[b]
+        if s != HELD:
+            bad = i
+            status = ERR_IN_ENTRY if s == HEAD or s == LINK else ERR_NOT_ALLOCATED
+            for k in range(i):
+                if ids[k] == b:
+                    status = ERR_DUPLICATE
+            break
+        state[b] = FREE
+    for k in range(bad if bad >= 0 else ids.shape[0]):
+        state[ids[k]] = HELD
+    return bad, status
+
+
+@njit(cache=True)
+def _release_n(state, meta, ids):
+    """Return HELD blocks ``ids`` to the ring tail in order; ``(-1, OK)``, or
+    the first bad id's index and ``ERR_*`` code, freeing nothing."""
+    bad, status = _release_status(state, ids)
+    if bad < 0:
+        _put(state, meta, ids)
+    return bad, status
+
+
+@njit(cache=True)
+def _release(state, meta, block):
+    """Return one HELD block to the ring tail; ``OK``, or an ``ERR_*`` code
+    and nothing freed."""
+    if block < 0 or block >= state.shape[0]:
+        return ERR_RANGE
+    s = state[block]                    # (a non-integer block fails here)
+    if s != HELD:
+        return ERR_IN_ENTRY if s == HEAD or s == LINK else ERR_NOT_ALLOCATED
+    ids = np.empty(1, np.int64)
+    ids[0] = block
+    _put(state, meta, ids)
+    return OK
+
+
+# chain API: what the manager's entries use ----------------------------------------
+
+@njit(cache=True)
+def _walk(state, link, head, n, out, at):
+    """How many blocks (up to ``n``) the chain at ``head`` has before a bad id
+    or state; ``n + 1`` if it is exactly ``n`` long and ends. Records the good
+    ids it passes in ``out`` from index ``at`` on, wrapping to 0 at its end;
+    an empty ``out`` records nothing. Takes at most ``len(state)`` steps, so a
+    corrupted cycle cannot trap it."""
+    total = state.shape[0]
+    size = out.shape[0]
+    steps = min(n, total)
+    b = head
+    for i in range(steps):
+        if b < 0 or b >= total or state[b] != (HEAD if i == 0 else LINK):
+            return i
+        if size > 0:
+            out[at] = b
+            at = at + 1 if at + 1 < size else 0
+        b = link[b]
+    if steps < n:                       # more good blocks than exist
+        return steps
+    return n + 1 if b == NO_BLOCK and n > 0 else n
+
+
+@njit(cache=True)
+def _chain_blocks(state, meta, head, n):
+    """The ids of the chain at ``head``, at most ``n``, stopping early at a
+    bad link or state (so a short result means a broken chain)."""
+    out = np.empty(max(min(n, state.shape[0]), 0), np.int64)
+    return out[:_walk(state, _parts(state, meta)[1], head, n, out, 0)]
+
+
+@njit(cache=True)
+def _link_run(state, link, ids, start, stop, first_state):
+    """Chain ``ids[start:stop]`` in order, ending in ``NO_BLOCK`` (indices,
+    not a slice: one view per chain costs more than the linking)."""
+    for i in range(start, stop - 1):
+        link[ids[i]] = ids[i + 1]
+        state[ids[i + 1]] = LINK
+    link[ids[stop - 1]] = NO_BLOCK
+    state[ids[start]] = first_state
+
+
+@njit(cache=True)
+def _alloc_chains(arena, state, meta, counts, zero):
+    """One chain of ``counts[k]`` blocks per k, taken in pool order; their
+    heads, or an empty array (taking nothing) if any count < 1 or too few
+    blocks are free. ``zero`` zeroes the blocks' bytes."""
+    m = counts.shape[0]
+    free = _free_count(state, meta)
+    need = 0
+    for k in range(m):
+        if counts[k] < 1 or counts[k] > free - need:
+            return np.empty(0, np.int64)          # (no int64 overflow)
+        need += counts[k]
+    ids = np.empty(need, np.int64)
+    _take(state, meta, ids, LINK)
+    link = _parts(state, meta)[1]
+    heads = np.empty(m, np.int64)
+    pos = 0
+    for k in range(m):
+        _link_run(state, link, ids, pos, pos + counts[k], HEAD)
+        heads[k] = ids[pos]
+        pos += counts[k]
+    if zero:
+        _zero(arena, meta[2 * state.shape[0] + C_BLOCK_SIZE], ids, 0)
+    return heads
+
+
+@njit(cache=True)
+def _alloc_chain(arena, state, meta, n, zero):
+    """One chain of ``n`` blocks; its head, or ``NO_BLOCK``."""
+    if n < 1 or n > _free_count(state, meta):
+        return NO_BLOCK
+    ids = np.empty(n, np.int64)
+    _take(state, meta, ids, LINK)
+    _link_run(state, _parts(state, meta)[1], ids, 0, n, HEAD)
+    if zero:
+        _zero(arena, meta[2 * state.shape[0] + C_BLOCK_SIZE], ids, 0)
+    return ids[0]
+
+
+@njit(cache=True)
+def _free_chains(state, meta, heads):
+    """Free the whole chains at ``heads`` to the ring tail, chain by chain in
+    order; all their ids in that order, or an empty array (freeing nothing)
+    if any head does not start a chain that ends in ``NO_BLOCK``, or two
+    share a block. One walk per chain, staging the ids in the ring's unused
+    slots past the tail (a refused call may leave ids there, nothing else)."""
+    ring, link, ctr = _parts(state, meta)
+    total = state.shape[0]
+    count = ctr[C_COUNT]
+    start = _tail(total, ctr[C_HEAD], count)
+    at = start
+    done = 0
+    for k in range(heads.shape[0]):
+        room = total - count - done     # no valid chain is longer
+        got = _walk(state, link, heads[k], room, ring, at)
+        if got > room:                  # exactly fills the room, and ends
+            got = room
+        elif got == 0 or link[ring[(at + got - 1) % total]] != NO_BLOCK:
+            for i in range(done):       # undo the marks of chains 0..k-1
+                state[ring[(start + i) % total]] = LINK
+            for j in range(k):
+                state[heads[j]] = HEAD
+            return np.empty(0, np.int64)
+        for i in range(got):
+            state[ring[at]] = FREE      # mark, so an overlap shows up
+            at = at + 1 if at + 1 < total else 0
+        done += got
+    ids = np.empty(done, np.int64)
+    for i in range(done):
+        ids[i] = ring[(start + i) % total]
+    ctr[C_COUNT] = count + done
+    return ids
+
+
+@njit(cache=True)
+def _free_chain(state, meta, head, n):
+    """Free one chain of exactly ``n`` blocks to the ring tail, in chain
+    order; ``OK``, or ``ERR_BAD_CHAIN`` (freeing nothing). One walk: the ids
+    are written into the ring's unused slots past the tail, then counted in."""
+    ring, link, ctr = _parts(state, meta)
+    total = state.shape[0]
+    count = ctr[C_COUNT]
+    if n > total - count:               # more than the ring has room for
+        return ERR_BAD_CHAIN            # (so more than are in use)
+    tail = _tail(total, ctr[C_HEAD], count)
+    if _walk(state, link, head, n, ring, tail) != n + 1:
+        return ERR_BAD_CHAIN
+    for i in range(n):
+        state[ring[tail]] = FREE
+        tail = tail + 1 if tail + 1 < total else 0
+    ctr[C_COUNT] = count + n
+    return OK
+
+
+@njit(cache=True)
+def _resize_chain(arena, state, meta, head, n_old, n_new, zero_from, zero):
+    """Make the chain at ``head`` ``n_new`` blocks long (``n_new >= 1``).
+
+    Growth appends blocks in pool order; shrinking frees the tail blocks to
+    the ring in chain order. With ``zero``, added blocks are zeroed and so
+    are the kept bytes from ``zero_from`` on. Returns ``OK``,
+    ``ERR_NO_SPACE``, ``ERR_RANGE`` or ``ERR_BAD_CHAIN`` (then nothing
+    changed)."""
+    ring, link, ctr = _parts(state, meta)
+    ids = np.empty(max(min(n_old, state.shape[0]), 0), np.int64)
+    if _walk(state, link, head, n_old, ids, 0) != n_old + 1 or n_new < 1:
+        return ERR_BAD_CHAIN
+    if zero_from < 0:
+        return ERR_RANGE
+    if n_new - n_old > _free_count(state, meta):
+        return ERR_NO_SPACE
+    bs = ctr[C_BLOCK_SIZE]
+    if n_new > n_old:
+        added = np.empty(n_new - n_old, np.int64)
+        _take(state, meta, added, LINK)
+        _link_run(state, link, added, 0, n_new - n_old, LINK)
+        link[ids[n_old - 1]] = added[0]
+        if zero:
+            _zero(arena, bs, added, 0)
+    elif n_new < n_old:
+        link[ids[n_new - 1]] = NO_BLOCK
+        _put(state, meta, ids[n_new:])
+    if zero and zero_from < min(n_old, n_new) * bs:
+        _zero(arena, bs, ids[:min(n_old, n_new)], zero_from)
+    return OK
+
+
+@njit(cache=True)
+def _copy(arena, state, meta, head, n, offset, buf, into_arena):
+    """Scatter ``buf`` into (or gather it from) the chain's bytes starting
+    ``offset`` bytes in; ``OK`` or an ``ERR_*`` code, copying nothing.
+    Blocks adjacent in the arena are copied as one run; a ``buf`` that
+    overlaps the arena goes through a copy, as memmove would."""
+    ring, link, ctr = _parts(state, meta)
+    if _walk(state, link, head, n, ring[:0], 0) != n + 1:   # (records nothing)
+        return ERR_BAD_CHAIN
+    size = buf.shape[0]
+    bs = ctr[C_BLOCK_SIZE]
+    if offset < 0 or offset > n * bs - size:        # (no int64 overflow)
+        return ERR_RANGE
+    lo = arena.ctypes.data
+    first = buf.ctypes.data                 # buf's bytes, at any stride
+    last = first + (size - 1) * buf.strides[0]
+    overlap = (size > 0 and min(first, last) < lo + arena.shape[0]
+               and lo <= max(first, last))
+    user_buf = buf
+    if overlap and into_arena:
+        buf = user_buf.copy()
+    elif overlap:
+        buf = np.empty(size, np.uint8)      # filled, then copied out
+    b = head
+    for i in range(offset // bs):
+        b = link[b]
+    within = offset % bs
+    done = 0
+    while done < size:
+        start = b * bs + within
+        length = min(bs - within, size - done)
+        b = link[b]
+        while done + length < size and b * bs == start + length:
+            length = min(length + bs, size - done)
+            b = link[b]
+        run = arena[start:start + length]   # views: the loops vectorize
+        part = buf[done:done + length]
+        if into_arena:
+            for j in range(length):
+                run[j] = part[j]
+        else:
+            for j in range(length):
+                part[j] = run[j]
+        done += length
+        within = 0
+    if overlap and not into_arena:
+        for j in range(size):
+            user_buf[j] = buf[j]
+    return OK
+
+
+@njit(cache=True)
+def _write_chain(arena, state, meta, head, n, offset, data):
+    """Copy ``data`` (``uint8``) into the chain from byte ``offset``."""
+    return _copy(arena, state, meta, head, n, offset, data, True)
+
+
+@njit(cache=True)
+def _read_chain(arena, state, meta, head, n, offset, out):
+    """Fill ``out`` (``uint8``) from the chain's bytes at ``offset``."""
+    return _copy(arena, state, meta, head, n, offset, out, False)
+
+
+# -- the jitclass ------------------------------------------------------------
+
 class MemoryPool:
     """Fixed-size blocks of one byte arena, reused first-freed-first-out.
 
@@ -144,25 +526,31 @@ class MemoryPool:
     C-contiguous ``uint8`` array of at least that many blocks' bytes, used
     without a copy).
 
-    Free-list ring (capacity ``total_blocks``)::
+    Free-list ring (capacity ``total_blocks``, the first part of ``meta``)::
 
         ring: [ . | . | 7 | 3 | 9 | . ]      head=2, count=3
                         ^oldest     ^newest; the next free goes to
                                     (head + count) % total_blocks
 
-    Invariants (audited by ``KVCacheManager.check_invariants``):
+    Invariants (audited by ``check_invariants``):
     ``0 <= count <= bump <= total_blocks``; state is NEVER exactly for ids
     ``>= bump``; the ring slots ``head .. head+count-1`` hold each FREE block
     once; ``used_blocks = bump - count <= peak_used``.
 
     Block API (the caller owns the ids): ``allocate``, ``allocate_n``,
     ``release``, ``release_n`` (status codes) and ``deallocate``,
-    ``deallocate_n`` (raise ``ValueError``).
+    ``deallocate_n`` (raise ``ValueError``); ids are ``int64`` numpy arrays.
     Chain API (what entries use): ``alloc_chain``, ``alloc_chains``,
     ``free_chain``, ``free_chains``, ``resize_chain``,
     ``chain_blocks``, ``read_chain``, ``write_chain``.
     Counters: ``free_blocks``, ``used_blocks``, ``never_used_blocks``,
-    ``total_blocks``, ``capacity``, ``peak_used``.
+    ``total_blocks``, ``capacity``, ``peak_used``, ``head``, ``count``,
+    ``bump`` (views of ``ctr``, the last part of ``meta``).
+    Audit: ``check_invariants()`` (from the interpreter).
+
+    Every method is one call into a module-level kernel over ``arena``,
+    ``state`` and ``meta``. The same class body also runs uncompiled as the
+    manager's holder of those arrays (``_PlainPool``).
     """
 
     def __init__(self, total_size, block_size, arena=None):
@@ -180,153 +568,87 @@ class MemoryPool:
             self.arena = arena[:n * block_size]
         self.block_size = block_size
         self.total_blocks = n
-        self.ring = np.zeros(n, np.int64)
-        self.head = 0
-        self.count = 0
-        self.bump = 0
         self.state = np.zeros(n, np.uint8)
-        self.link = np.full(n, NO_BLOCK, np.int64)
-        self.peak_used = 0
+        self.meta = np.zeros(2 * n + _N_COUNTERS, np.int64)
+        self.ring = self.meta[:n]
+        self.link = self.meta[n:2 * n]
+        self.ctr = self.meta[2 * n:]
+        self.link[:] = NO_BLOCK
+        self.ctr[C_BLOCK_SIZE] = block_size
 
     # counters ---------------------------------------------------------------
 
     @property
+    def head(self):
+        return int(self.ctr[C_HEAD])
+
+    @head.setter
+    def head(self, value):
+        self.ctr[C_HEAD] = value
+
+    @property
+    def count(self):
+        return int(self.ctr[C_COUNT])
+
+    @count.setter
+    def count(self, value):
+        self.ctr[C_COUNT] = value
+
+    @property
+    def bump(self):
+        return int(self.ctr[C_BUMP])
+
+    @bump.setter
+    def bump(self, value):
+        self.ctr[C_BUMP] = value
+
+    @property
+    def peak_used(self):
+        return int(self.ctr[C_PEAK])
+
+    @peak_used.setter
+    def peak_used(self, value):
+        self.ctr[C_PEAK] = value
+
+    @property
     def free_blocks(self):
         """Blocks that can be handed out now: freed ones plus never-used ones."""
-        return self.count + self.total_blocks - self.bump
+        return int(self.ctr[C_COUNT] + self.total_blocks - self.ctr[C_BUMP])
 
     @property
     def used_blocks(self):
         """Blocks handed out and not yet returned (entries' and HELD)."""
-        return self.bump - self.count
+        return int(self.ctr[C_BUMP] - self.ctr[C_COUNT])
 
     @property
     def never_used_blocks(self):
-        return self.total_blocks - self.bump
+        return int(self.total_blocks - self.ctr[C_BUMP])
 
     @property
     def capacity(self):
         """Usable bytes: ``total_blocks * block_size``."""
         return self.total_blocks * self.block_size
 
-    # the two primitives: take from the front, put at the back ---------------
-
-    def _take(self, out):
-        """Fill ``out`` with the next ``len(out)`` ids in allocation order.
-        The caller has checked that enough are free, and sets their states."""
-        ring = self.ring
-        total = self.total_blocks
-        head = self.head
-        count = self.count
-        bump = self.bump
-        for i in range(out.shape[0]):
-            block, head, count, bump = _pop(ring, total, head, count, bump)
-            out[i] = block
-        self.head = head
-        self.count = count
-        self.bump = bump
-        self._note_peak()
-
-    def _note_peak(self):
-        if self.bump - self.count > self.peak_used:
-            self.peak_used = self.bump - self.count
-
-    def _put(self, ids):
-        """Append ``ids`` (checked by the caller) to the ring tail, in order."""
-        ring = self.ring
-        state = self.state
-        total = self.total_blocks
-        head = self.head
-        count = self.count
-        for i in range(ids.shape[0]):
-            count = _push(ring, state, total, head, count, ids[i])
-        self.count = count
-
-    def _zero(self, ids, start):
-        """Zero the bytes of blocks ``ids`` from byte ``start`` of the run on."""
-        arena = self.arena
-        bs = self.block_size
-        first = start // bs
-        for i in range(first, ids.shape[0]):
-            lo = ids[i] * bs + (start % bs if i == first else 0)
-            span = arena[lo:(ids[i] + 1) * bs]   # a view: the loop vectorizes
-            for j in range(span.shape[0]):
-                span[j] = 0
-
     # block API ----------------------------------------------------------------
 
     def allocate_n(self, out):
         """Take ``len(out)`` blocks into ``out``; return ``len(out)``, or 0
         (taking nothing) when fewer are free."""
-        n = out.shape[0]
-        if n > self.free_blocks:
-            return 0
-        self._take(out)
-        state = self.state
-        for i in range(n):
-            state[out[i]] = HELD
-        return n
+        return _allocate_n(self.state, self.meta, out)
 
     def allocate(self):
         """Take one block; return its id, or ``NO_BLOCK`` when none is free."""
-        if self.free_blocks == 0:
-            return NO_BLOCK
-        block, head, count, bump = _pop(self.ring, self.total_blocks,
-                                        self.head, self.count, self.bump)
-        self.head = head
-        self.count = count
-        self.bump = bump
-        self.state[block] = HELD
-        self._note_peak()
-        return block
-
-    def _first_bad(self, ids):
-        """Index of the first id in ``ids`` that ``release_n`` refuses, or -1."""
-        state = self.state
-        total = self.total_blocks
-        bad = -1
-        for i in range(ids.shape[0]):
-            b = ids[i]
-            if b < 0 or b >= total or state[b] != HELD:
-                bad = i
-                break
-            state[b] = FREE          # mark, so a repeat shows as not HELD
-        for k in range(bad if bad >= 0 else ids.shape[0]):
-            state[ids[k]] = HELD
-        return bad
-
-    def _status_of(self, b, seen):
-        """Why ``release`` refuses block ``b`` (``seen``: earlier in the call)."""
-        if b < 0 or b >= self.total_blocks:
-            return ERR_RANGE
-        if seen:
-            return ERR_DUPLICATE
-        s = self.state[b]
-        if s == HEAD or s == LINK:
-            return ERR_IN_ENTRY
-        return ERR_NOT_ALLOCATED
+        return int(_allocate(self.state, self.meta))
 
     def release_n(self, ids):
         """Return HELD blocks ``ids`` to the ring tail in order; return ``OK``,
         or an ``ERR_*`` code and free nothing."""
-        bad = self._first_bad(ids)
-        if bad >= 0:
-            seen = False
-            for k in range(bad):
-                if ids[k] == ids[bad]:
-                    seen = True
-            return self._status_of(ids[bad], seen)
-        self._put(ids)
-        return OK
+        return _release_n(self.state, self.meta, ids)[1]
 
     def release(self, block):
         """Return one HELD block to the ring tail; ``OK`` or an ``ERR_*``
         code (freeing nothing)."""
-        if block < 0 or block >= self.total_blocks or self.state[block] != HELD:
-            return self._status_of(block, False)
-        self.count = _push(self.ring, self.state, self.total_blocks, self.head,
-                           self.count, block)
-        return OK
+        return _release(self.state, self.meta, block)
 
     def _raise_for(self, status, block):
         """The ``ValueError`` for a refused ``block``, naming it."""
@@ -344,9 +666,9 @@ class MemoryPool:
 
     def deallocate_n(self, ids):
         """``release_n`` that raises ``ValueError`` naming the first bad id."""
-        status = self.release_n(ids)
+        bad, status = _release_n(self.state, self.meta, ids)
         if status != OK:
-            self._raise_for(status, ids[self._first_bad(ids)])
+            self._raise_for(status, ids[bad])
 
     def deallocate(self, block):
         """``release`` that raises ``ValueError`` naming a bad id."""
@@ -356,144 +678,32 @@ class MemoryPool:
 
     # chain API ----------------------------------------------------------------
 
-    def _walk(self, head, n, out, at):
-        """How many blocks (up to ``n``) the chain at ``head`` has before a
-        bad id or state; ``n + 1`` if it is exactly ``n`` long and ends.
-        Records the good ids it passes in ``out`` from index ``at`` on,
-        wrapping to 0 at its end; an empty ``out`` records nothing. Takes at
-        most ``total_blocks`` steps, so a corrupted cycle cannot trap it."""
-        state = self.state
-        link = self.link
-        total = self.total_blocks
-        size = out.shape[0]
-        steps = min(n, total)
-        b = head
-        for i in range(steps):
-            if b < 0 or b >= total or state[b] != (HEAD if i == 0 else LINK):
-                return i
-            if size > 0:
-                out[at] = b
-                at = at + 1 if at + 1 < size else 0
-            b = link[b]
-        if steps < n:                       # more good blocks than exist
-            return steps
-        return n + 1 if b == NO_BLOCK and n > 0 else n
-
-    def _id_buffer(self, n):
-        """Room for the ids of a chain of ``n`` blocks (no chain is longer
-        than the pool)."""
-        return np.empty(max(min(n, self.total_blocks), 0), np.int64)
-
     def chain_blocks(self, head, n):
         """The ids of the chain at ``head``, at most ``n``, stopping early at
         a bad link or state (so a short result means a broken chain)."""
-        out = self._id_buffer(n)
-        return out[:self._walk(head, n, out, 0)]
-
-    def _chain(self, head, n):
-        """``chain_blocks`` if ``head`` starts a chain of exactly ``n`` blocks,
-        else an empty array."""
-        out = self._id_buffer(n)
-        return out if self._walk(head, n, out, 0) == n + 1 else out[:0]
-
-    def _link_run(self, ids, start, stop, first_state):
-        """Chain ``ids[start:stop]`` in order, ending in ``NO_BLOCK`` (indices,
-        not a slice: one view per chain costs more than the linking)."""
-        link = self.link
-        state = self.state
-        for i in range(start, stop - 1):
-            link[ids[i]] = ids[i + 1]
-            state[ids[i + 1]] = LINK
-        link[ids[stop - 1]] = NO_BLOCK
-        state[ids[start]] = first_state
+        return _chain_blocks(self.state, self.meta, head, n)
 
     def alloc_chains(self, counts, zero):
         """One chain of ``counts[k]`` blocks per k, taken in pool order; return
         their heads, or an empty array (taking nothing) if any count < 1 or
         too few blocks are free. ``zero`` zeroes the blocks' bytes."""
-        m = counts.shape[0]
-        free = self.free_blocks
-        need = 0
-        for k in range(m):
-            if counts[k] < 1 or counts[k] > free - need:
-                return np.empty(0, np.int64)          # (no int64 overflow)
-            need += counts[k]
-        ids = np.empty(need, np.int64)
-        self._take(ids)
-        heads = np.empty(m, np.int64)
-        pos = 0
-        for k in range(m):
-            self._link_run(ids, pos, pos + counts[k], HEAD)
-            heads[k] = ids[pos]
-            pos += counts[k]
-        if zero:
-            self._zero(ids, 0)
-        return heads
+        return _alloc_chains(self.arena, self.state, self.meta, counts, zero)
 
     def alloc_chain(self, n, zero):
         """One chain of ``n`` blocks; its head, or ``NO_BLOCK``."""
-        if n < 1 or n > self.free_blocks:
-            return NO_BLOCK
-        ids = np.empty(n, np.int64)
-        self._take(ids)
-        self._link_run(ids, 0, n, HEAD)
-        if zero:
-            self._zero(ids, 0)
-        return ids[0]
+        return int(_alloc_chain(self.arena, self.state, self.meta, n, zero))
 
     def free_chains(self, heads):
         """Free the whole chains at ``heads`` to the ring tail, chain by chain
         in order; return all their ids in that order, or an empty array
         (freeing nothing) if any head does not start a chain that ends in
-        ``NO_BLOCK``, or two share a block. One walk per chain, staging the
-        ids in the ring's unused slots past the tail as ``free_chain`` does."""
-        ring = self.ring
-        state = self.state
-        total = self.total_blocks
-        count = self.count
-        start = _tail(total, self.head, count)
-        at = start
-        done = 0
-        for k in range(heads.shape[0]):
-            room = total - count - done     # no valid chain is longer
-            got = self._walk(heads[k], room, ring, at)
-            if got > room:                  # exactly fills the room, and ends
-                got = room
-            elif got == 0 or self.link[ring[(at + got - 1) % total]] != NO_BLOCK:
-                for i in range(done):       # undo the marks of chains 0..k-1
-                    state[ring[(start + i) % total]] = LINK
-                for j in range(k):
-                    state[heads[j]] = HEAD
-                return np.empty(0, np.int64)
-            for i in range(got):
-                state[ring[at]] = FREE      # mark, so an overlap shows up
-                at = at + 1 if at + 1 < total else 0
-            done += got
-        ids = np.empty(done, np.int64)
-        for i in range(done):
-            ids[i] = ring[(start + i) % total]
-        self.count = count + done
-        return ids
+        ``NO_BLOCK``, or two share a block."""
+        return _free_chains(self.state, self.meta, heads)
 
     def free_chain(self, head, n):
         """Free one chain of ``n`` blocks to the ring tail, in chain order;
-        ``OK``, or ``ERR_BAD_CHAIN`` (freeing nothing). One walk: the ids are
-        written into the ring's unused slots past the tail, then counted in
-        (a refused chain may leave ids in those unused slots, nothing else)."""
-        ring = self.ring
-        total = self.total_blocks
-        count = self.count
-        if n > total - count:               # more than the ring has room for
-            return ERR_BAD_CHAIN            # (so more than are in use)
-        tail = _tail(total, self.head, count)
-        if self._walk(head, n, ring, tail) != n + 1:
-            return ERR_BAD_CHAIN
-        state = self.state
-        for i in range(n):
-            state[ring[tail]] = FREE
-            tail = tail + 1 if tail + 1 < total else 0
-        self.count = count + n
-        return OK
+        ``OK``, or ``ERR_BAD_CHAIN`` (freeing nothing)."""
+        return _free_chain(self.state, self.meta, head, n)
 
     def resize_chain(self, head, n_old, n_new, zero_from, zero):
         """Make the chain at ``head`` ``n_new`` blocks long (``n_new >= 1``).
@@ -503,117 +713,90 @@ class MemoryPool:
         so are the kept bytes from ``zero_from`` on. Returns ``OK``,
         ``ERR_NO_SPACE`` or ``ERR_BAD_CHAIN`` (then nothing changed).
         """
-        ids = self._chain(head, n_old)
-        if ids.shape[0] == 0 or n_new < 1:
-            return ERR_BAD_CHAIN
-        if zero_from < 0:
-            return ERR_RANGE
-        if n_new - n_old > self.free_blocks:
-            return ERR_NO_SPACE
-        if n_new > n_old:
-            added = np.empty(n_new - n_old, np.int64)
-            self._take(added)
-            self._link_run(added, 0, n_new - n_old, LINK)
-            self.link[ids[n_old - 1]] = added[0]
-            if zero:
-                self._zero(added, 0)
-        elif n_new < n_old:
-            self.link[ids[n_new - 1]] = NO_BLOCK
-            self._put(ids[n_new:])
-        if zero and zero_from < min(n_old, n_new) * self.block_size:
-            self._zero(ids[:min(n_old, n_new)], zero_from)
-        return OK
-
-    def _copy(self, head, n, offset, buf, into_arena):
-        """Scatter ``buf`` into (or gather it from) the chain's bytes starting
-        ``offset`` bytes in; ``OK`` or an ``ERR_*`` code, copying nothing.
-        Blocks adjacent in the arena are copied as one run; a ``buf`` that
-        overlaps the arena goes through a copy, as memmove would."""
-        if self._walk(head, n, self.ring[:0], 0) != n + 1:   # (records nothing)
-            return ERR_BAD_CHAIN
-        size = buf.shape[0]
-        bs = self.block_size
-        if offset < 0 or offset > n * bs - size:        # (no int64 overflow)
-            return ERR_RANGE
-        arena = self.arena
-        lo = arena.ctypes.data
-        first = buf.ctypes.data                 # buf's bytes, at any stride
-        last = first + (size - 1) * buf.strides[0]
-        overlap = (size > 0 and min(first, last) < lo + arena.shape[0]
-                   and lo <= max(first, last))
-        user_buf = buf
-        if overlap and into_arena:
-            buf = user_buf.copy()
-        elif overlap:
-            buf = np.empty(size, np.uint8)      # filled, then copied out
-        link = self.link
-        b = head
-        for i in range(offset // bs):
-            b = link[b]
-        within = offset % bs
-        done = 0
-        while done < size:
-            start = b * bs + within
-            length = min(bs - within, size - done)
-            b = link[b]
-            while done + length < size and b * bs == start + length:
-                length = min(length + bs, size - done)
-                b = link[b]
-            run = arena[start:start + length]   # views: the loops vectorize
-            part = buf[done:done + length]
-            if into_arena:
-                for j in range(length):
-                    run[j] = part[j]
-            else:
-                for j in range(length):
-                    part[j] = run[j]
-            done += length
-            within = 0
-        if overlap and not into_arena:
-            for j in range(size):
-                user_buf[j] = buf[j]
-        return OK
+        return _resize_chain(self.arena, self.state, self.meta, head, n_old,
+                             n_new, zero_from, zero)
 
     def write_chain(self, head, n, offset, data):
         """Copy ``data`` (``uint8``) into the chain from byte ``offset``."""
-        return self._copy(head, n, offset, data, True)
+        return _write_chain(self.arena, self.state, self.meta, head, n,
+                            offset, data)
 
     def read_chain(self, head, n, offset, out):
         """Fill ``out`` (``uint8``) from the chain's bytes at ``offset``."""
-        return self._copy(head, n, offset, out, False)
+        return _read_chain(self.arena, self.state, self.meta, head, n,
+                           offset, out)
 
 
-class _PoolMethods(dict):
-    """``name -> f(pool, *args)`` for the pool methods the manager calls.
+_POOL_SPEC = [
+    ("arena", uint8[::1]),
+    ("block_size", int64),
+    ("total_blocks", int64),
+    ("state", uint8[::1]),
+    ("meta", int64[::1]),
+    ("ring", int64[::1]),
+    ("link", int64[::1]),
+    ("ctr", int64[::1]),
+]
+_PlainPool = MemoryPool          # the same body, run by the interpreter
+MemoryPool = jitclass(_POOL_SPEC)(MemoryPool)   # compiled on first construction
 
-    Each is resolved once, on first use, to the compiled entry point of the
-    one signature the manager passes (``SIGNATURES``): that skips numba's
-    per-call type dispatch, about 4x cheaper from the interpreter than the
-    bound method. Under NUMBA_DISABLE_JIT it is the plain function.
-    """
 
+def _jitclass_over(plain):
+    """A ``MemoryPool`` jitclass over the arrays of ``plain`` (a
+    ``_PlainPool``), sharing them: both see every change. Under
+    NUMBA_DISABLE_JIT the classes are one, and this is ``plain`` itself."""
+    if MemoryPool is _PlainPool:
+        return plain
+    pool = MemoryPool(plain.block_size, plain.block_size)   # one block, then
+    pool.arena = plain.arena                                # the real arrays
+    pool.total_blocks = plain.total_blocks
+    pool.state = plain.state
+    pool.meta = plain.meta
+    pool.ring = plain.ring
+    pool.link = plain.link
+    pool.ctr = plain.ctr
+    return pool
+
+
+def _compiled(kernel, *argtypes):
+    """The compiled entry point of ``kernel`` for exactly ``argtypes``
+    (loaded from the disk cache, or compiled once): about 3x cheaper to call
+    from the interpreter than the dispatcher, and it checks no types, so the
+    callers pass exactly these. Under NUMBA_DISABLE_JIT, the function itself,
+    with numpy integer results made ints."""
+    compile_ = getattr(kernel, "compile", None)
+    if compile_ is None:
+        def plain(*args):
+            result = kernel(*args)
+            return int(result) if isinstance(result, np.integer) else result
+        return plain
+    return compile_(argtypes)
+
+
+class _Kernels(dict):
+    """``name -> entry point`` for the kernels the manager calls, each
+    resolved on first use for the one signature the manager passes."""
+
+    _ARRAYS = (uint8[::1], uint8[::1], int64[::1])      # arena, state, meta
     SIGNATURES = {
-        "alloc_chain": (int64, boolean),
-        "alloc_chains": (int64[::1], boolean),
-        "free_chain": (int64, int64),
-        "free_chains": (int64[::1],),
-        "resize_chain": (int64, int64, int64, int64, boolean),
-        "write_chain": (int64, int64, int64, uint8[::1]),
-        "read_chain": (int64, int64, int64, uint8[::1]),
+        "alloc_chain": (_alloc_chain, _ARRAYS + (int64, boolean)),
+        "alloc_chains": (_alloc_chains, _ARRAYS + (int64[::1], boolean)),
+        "free_chain": (_free_chain, _ARRAYS[1:] + (int64, int64)),
+        "free_chains": (_free_chains, _ARRAYS[1:] + (int64[::1],)),
+        "resize_chain": (_resize_chain,
+                         _ARRAYS + (int64, int64, int64, int64, boolean)),
+        "write_chain": (_write_chain, _ARRAYS + (int64, int64, int64, uint8[::1])),
+        "read_chain": (_read_chain, _ARRAYS + (int64, int64, int64, uint8[::1])),
+        "chain_blocks": (_chain_blocks, _ARRAYS[1:] + (int64, int64)),
     }
 
     def __missing__(self, name):
-        class_type = getattr(MemoryPool, "class_type", None)
-        if class_type is None:
-            method = getattr(MemoryPool, name)
-        else:
-            method = class_type.jit_methods[name].compile(
-                (class_type.instance_type,) + self.SIGNATURES[name])
-        self[name] = method
-        return method
+        kernel, argtypes = self.SIGNATURES[name]
+        self[name] = fn = _compiled(kernel, *argtypes)
+        return fn
 
 
-_POOL = _PoolMethods()
+_K = _Kernels()
 
 
 # -- value types -------------------------------------------------------------
@@ -926,10 +1109,13 @@ class KVCacheManager:
             arena = np.zeros(total_size - total_size % block_size, np.uint8)
         else:
             arena = _as_arena(buffer, total_size)
-        self.pool = MemoryPool(total_size, block_size, arena)
-        self._arena = self.pool.arena          # a view, fetched once
+        self._pool = _PlainPool(total_size, block_size, arena)
+        self._jitpool = None                   # the jitclass, built on demand
+        self._arena = self._pool.arena         # the kernels' three arrays,
+        self._blockstate = self._pool.state    # fetched once
+        self._meta = self._pool.meta
         self._block_size = block_size
-        self._capacity = self.pool.capacity
+        self._capacity = self._pool.capacity
         self._eviction = eviction
         self._zero = zero_on_alloc
         self._cache = collections.OrderedDict()    # key -> entry, LRU first
@@ -1053,13 +1239,15 @@ class KVCacheManager:
             else:
                 n, size = self._blocks_for(size)
             self._check_new_key(key)
-            head = _POOL["alloc_chain"](self.pool, n, self._zero)
+            head = _K["alloc_chain"](self._arena, self._blockstate, self._meta, n,
+                                          self._zero)
             reports = None
             if head < 0:
                 reports = self._make_room(n, None)
-                head = _POOL["alloc_chain"](self.pool, n, self._zero)
+                head = _K["alloc_chain"](self._arena, self._blockstate, self._meta, n,
+                                          self._zero)
                 assert head >= 0, f"no {n} blocks free after making room"
-            entry = KVPoolEntry(key, size, head, n, self.pool)
+            entry = KVPoolEntry(key, size, head, n, self._pool)
             self._cache[key] = entry
             self._allocations += 1
             self._active_entries += 1
@@ -1086,15 +1274,17 @@ class KVCacheManager:
             self._check_new_keys(keys)
             if not keys:
                 return []
-            alloc_chains = _POOL["alloc_chains"]
-            heads = alloc_chains(self.pool, counts, self._zero)
+            alloc_chains = _K["alloc_chains"]
+            heads = alloc_chains(self._arena, self._blockstate, self._meta, counts,
+                                 self._zero)
             reports = None
             if heads.shape[0] == 0:
                 reports = self._make_room(int(counts.sum()), None)
-                heads = alloc_chains(self.pool, counts, self._zero)
+                heads = alloc_chains(self._arena, self._blockstate, self._meta, counts,
+                                 self._zero)
                 assert heads.shape[0] == len(keys), "blocks vanished"
             entries = list(map(KVPoolEntry, keys, sizes, heads.tolist(),
-                               counts.tolist(), itertools.repeat(self.pool)))
+                               counts.tolist(), itertools.repeat(self._pool)))
             cache = self._cache
             for key, entry in zip(keys, entries):   # faster than update()
                 cache[key] = entry
@@ -1135,12 +1325,13 @@ class KVCacheManager:
             n_old = entry.n_blocks
             reports = None
             if n_new != n_old or (self._zero and new_size < entry.size):
-                args = (self.pool, entry.block, n_old, n_new,
+                args = (self._arena, self._blockstate, self._meta,
+                        entry.block, n_old, n_new,
                         min(entry.size, new_size), self._zero)
-                status = _POOL["resize_chain"](*args)
+                status = _K["resize_chain"](*args)
                 if status == ERR_NO_SPACE:
                     reports = self._make_room(n_new - n_old, entry)
-                    status = _POOL["resize_chain"](*args)
+                    status = _K["resize_chain"](*args)
                 assert status == OK, f"resize_chain failed with status {status}"
             self._used_memory += new_size - entry.size
             entry.size = new_size
@@ -1211,7 +1402,7 @@ class KVCacheManager:
         """The one eviction hook: free least recently used unpinned entries
         (never ``keep``) until ``need`` blocks are free, or raise
         ``PoolExhaustedError`` having evicted nothing."""
-        free = self.pool.free_blocks
+        free = self._pool.free_blocks
         victims = []
         if self._eviction == "lru":
             for entry in self._cache.values():
@@ -1221,23 +1412,24 @@ class KVCacheManager:
                     victims.append(entry)
                     free += entry.n_blocks
         if free < need:
-            raise PoolExhaustedError(need, self.pool.free_blocks)
+            raise PoolExhaustedError(need, self._pool.free_blocks)
         return self._release(victims, "lru")
 
     def _release(self, entries, reason):
         """The one removal path: free the entries' blocks in one compiled call,
         then forget them; the reports, if anyone listens."""
-        pool = self.pool
+        pool = self._pool
         if not entries:
             return None
         if len(entries) == 1 and not self._listeners:   # the common case
             entry = entries[0]
-            status = _POOL["free_chain"](pool, entry.block, entry.n_blocks)
+            status = _K["free_chain"](self._blockstate, self._meta,
+                                      entry.block, entry.n_blocks)
             assert status == OK, f"entry {entry!r} has no valid chain"
             self._forget(entries, reason)
             return None
         heads = np.fromiter([e.block for e in entries], np.int64, len(entries))
-        ids = _POOL["free_chains"](pool, heads)
+        ids = _K["free_chains"](self._blockstate, self._meta, heads)
         assert ids.shape[0] > 0, "an entry has no valid chain"
         if not self._listeners:
             self._forget(entries, reason)
@@ -1375,6 +1567,17 @@ class KVCacheManager:
         return types.MappingProxyType(self._cache)
 
     @property
+    def pool(self):
+        """The ``MemoryPool`` jitclass over this manager's arrays, to pass to
+        your own ``@numba.njit`` code. Built on first use: the jitclass
+        compiles then (2-4 s once per process; it cannot be cached on disk),
+        which the manager itself never needs. The block API is yours; the
+        chain API is the manager's (used on its entries, it corrupts it)."""
+        if self._jitpool is None:
+            self._jitpool = _jitclass_over(self._pool)
+        return self._jitpool
+
+    @property
     def eviction(self):
         return self._eviction
 
@@ -1431,8 +1634,9 @@ class KVCacheManager:
             entry = self._entry(key)
             raw = _as_bytes(data)
             offset = self._span(entry, offset, raw.shape[0])
-            status = _POOL["write_chain"](self.pool, entry.block,
-                                              entry.n_blocks, offset, raw)
+            status = _K["write_chain"](self._arena, self._blockstate,
+                                       self._meta, entry.block,
+                                       entry.n_blocks, offset, raw)
             assert status == OK, f"write_chain failed with status {status}"
             self._cache.move_to_end(key)
 
@@ -1464,8 +1668,9 @@ class KVCacheManager:
                 nbytes = count * dtype.itemsize
             offset = self._span(entry, offset, nbytes)
             out = np.empty(nbytes, np.uint8)
-            status = _POOL["read_chain"](self.pool, entry.block,
-                                             entry.n_blocks, offset, out)
+            status = _K["read_chain"](self._arena, self._blockstate,
+                                      self._meta, entry.block,
+                                      entry.n_blocks, offset, out)
             assert status == OK, f"read_chain failed with status {status}"
             self._cache.move_to_end(key)
             return out if dtype is _UINT8 else out.view(dtype)
@@ -1473,9 +1678,9 @@ class KVCacheManager:
     def block_view(self, block):
         """A zero-copy ``uint8`` view of one block of the arena."""
         block = _as_int(block, "block")
-        if not 0 <= block < self.pool.total_blocks:
+        if not 0 <= block < self._pool.total_blocks:
             raise ValueError(f"block id {block} is out of range "
-                             f"[0, {self.pool.total_blocks})")
+                             f"[0, {self._pool.total_blocks})")
         bs = self._block_size
         return self._arena[block * bs:(block + 1) * bs]
 
@@ -1496,7 +1701,7 @@ class KVCacheManager:
     def _snapshot(self, used_blocks=None):
         """The stats now (with ``used_blocks`` as given, for reports that
         describe a moment inside one compiled batch)."""
-        pool = self.pool
+        pool = self._pool
         if used_blocks is None:
             used_blocks = pool.used_blocks
         ev = self._evictions
@@ -1546,14 +1751,14 @@ class KVCacheManager:
         evictions, hits, misses) and restart the peak at the current use."""
         with self._lock:
             self._reset_counters()
-            self.pool.peak_used = self.pool.used_blocks
+            self._pool.peak_used = self._pool.used_blocks
 
     # persistence ---------------------------------------------------------------------
 
     def _state(self):
         """(meta, arrays, keys): all that defines the manager, shared by
         ``save``, ``load``, pickle and ``==``."""
-        pool = self.pool
+        pool = self._pool
         entries = list(self._cache.values())
         meta = {
             "format": FORMAT_VERSION, "block_size": self._block_size,
@@ -1590,7 +1795,7 @@ class KVCacheManager:
                                  f"{arrays['arena'].shape}")
             m = cls(bs * nb, bs, eviction=meta["eviction"],
                     zero_on_alloc=meta["zero_on_alloc"])
-            pool = m.pool
+            pool = m._pool
             for name, target in (("arena", m._arena), ("ring", pool.ring),
                                  ("state", pool.state), ("link", pool.link)):
                 src = arrays[name]
@@ -1700,7 +1905,7 @@ class KVCacheManager:
         meta, arrays, keys = self._state()
         head, count = meta.pop("head"), meta["count"]
         arrays["ring"] = arrays["ring"][(head + np.arange(count))
-                                        % self.pool.total_blocks]
+                                        % self._pool.total_blocks]
         chained = (arrays["state"] == HEAD) | (arrays["state"] == LINK)
         arrays["link"] = np.where(chained, arrays["link"], NO_BLOCK)
         return meta, arrays, keys
@@ -1740,7 +1945,7 @@ def _fail(message):
 
 
 def _audit(m):
-    pool = m.pool
+    pool = m._pool
     total, bs = pool.total_blocks, pool.block_size
     head, count, bump, peak = pool.head, pool.count, pool.bump, pool.peak_used
     state, ring, link = pool.state, pool.ring, pool.link

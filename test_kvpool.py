@@ -1869,7 +1869,7 @@ def _corruptible():
 def _corrupt_fake_entry(m):
     # a second entry sharing f's chain, plus a HELD block re-marked LINK so
     # that the HEAD/LINK count still equals what the entries claim to own
-    m._cache["z"] = KVPoolEntry("z", 5, 8, 1, m.pool)
+    m._cache["z"] = KVPoolEntry("z", 5, 8, 1, m._pool)
     m._used_memory += 5
     m._active_entries += 1
     m.pool.state[3] = LINK
@@ -1926,7 +1926,7 @@ _CORRUPTIONS = [
     ("orphan_link_block", lambda m: m.pool.state.__setitem__(3, LINK),
      r"7 blocks are in chains but live entries own 6: shared \[\], orphaned \[3\]"),
     ("leaked_entry", lambda m: m._cache.pop("c"), r"6 blocks are in chains but live entries own 4"),
-    ("overlapping_entries", lambda m: m._cache.__setitem__("a2", KVPoolEntry("a2", 40, 0, 3, m.pool)),
+    ("overlapping_entries", lambda m: m._cache.__setitem__("a2", KVPoolEntry("a2", 40, 0, 3, m._pool)),
      r"6 blocks are in chains but live entries own 9"),
     ("head_count", _corrupt_fake_entry, r"live entries own 7: shared \[8\], orphaned \[3\]"),
     # manager counters
