@@ -105,45 +105,43 @@ FORMAT_VERSION = 1       # of the .npz snapshot written by KVCacheManager.save
 # same arrays, compiled only when something needs it.
 #
 #   arena  uint8[n * block_size]   the bytes
-#   state  uint8[n]                NEVER / FREE / HELD / HEAD / LINK per block
-#   meta   int64[2n + 8]           | ring (n) | link (n) | counters (8) |
+#   meta   int64[8 + 2n + n/8]     | counters (8) | ring (n) | link (n) | state |
 #
-# The counters sit in ``meta`` so that a kernel can update them and so that a
-# call passes three arrays, not five (each array crossing the boundary costs
-# about 30 ns from the interpreter).
+#   state  uint8[n], a view of meta's last words: NEVER / FREE / HELD / HEAD /
+#          LINK per block
+#
+# Everything but the bytes sits in ``meta`` so that a kernel can update the
+# counters, and so that a call from the interpreter passes one or two arrays,
+# not five (each array crossing the boundary costs tens of nanoseconds).
 
 C_HEAD = 0               # ring slot of the oldest freed block
 C_COUNT = 1              # freed blocks in the ring
 C_BUMP = 2               # the next never-used id
 C_PEAK = 3               # the most blocks in use at once (since reset)
 C_BLOCK_SIZE = 4         # bytes per block
-_N_COUNTERS = 8          # (three spare)
+C_TOTAL = 5              # blocks in the pool
+_N_COUNTERS = 8          # (two spare)
 
 
-def _pool_arrays(n_blocks, block_size, arena=None):
-    """``(arena, state, meta)`` of a new pool of ``n_blocks`` blocks: every
-    block never used, the ring empty. ``arena`` given is used without a copy
-    (its first ``n_blocks * block_size`` bytes); else a new zeroed one."""
-    meta = np.zeros(2 * n_blocks + _N_COUNTERS, np.int64)
-    meta[n_blocks:2 * n_blocks] = NO_BLOCK
-    meta[2 * n_blocks + C_BLOCK_SIZE] = block_size
-    if arena is None:
-        arena = np.zeros(n_blocks * block_size, np.uint8)
-    return arena[:n_blocks * block_size], np.zeros(n_blocks, np.uint8), meta
+@njit(cache=True)
+def _state_of(meta):
+    """The block states: a ``uint8`` view of ``meta``'s last words."""
+    n = meta[C_TOTAL]
+    return meta[_N_COUNTERS + 2 * n:].view(np.uint8)[:n]
 
 
 @njit(cache=True)
 def _parts(state, meta):
     """The ring, link and counter views of ``meta``."""
     n = state.shape[0]
-    return meta[:n], meta[n:2 * n], meta[2 * n:]
+    return (meta[_N_COUNTERS:_N_COUNTERS + n],
+            meta[_N_COUNTERS + n:_N_COUNTERS + 2 * n], meta[:_N_COUNTERS])
 
 
 @njit(cache=True)
 def _free_count(state, meta):
     """Blocks that can be handed out now: freed ones plus never-used ones."""
-    ctr = meta[2 * state.shape[0]:]
-    return ctr[C_COUNT] + state.shape[0] - ctr[C_BUMP]
+    return meta[C_COUNT] + state.shape[0] - meta[C_BUMP]
 
 
 @njit(cache=True)
@@ -210,9 +208,10 @@ def _zero(arena, block_size, ids, start):
 # block API: the caller owns the ids (state HELD) --------------------------------
 
 @njit(cache=True)
-def _allocate_n(state, meta, out):
+def _allocate_n(meta, out):
     """Take ``len(out)`` blocks into ``out``; ``len(out)``, or 0 (taking
     nothing) when fewer are free."""
+    state = _state_of(meta)
     if out.shape[0] > _free_count(state, meta):
         return 0
     _take(state, meta, out, HELD)
@@ -220,8 +219,9 @@ def _allocate_n(state, meta, out):
 
 
 @njit(cache=True)
-def _allocate(state, meta):
+def _allocate(meta):
     """Take one block; its id, or ``NO_BLOCK`` when none is free."""
+    state = _state_of(meta)
     if _free_count(state, meta) == 0:
         return NO_BLOCK
     out = np.empty(1, np.int64)
@@ -258,9 +258,10 @@ def _release_status(state, ids):
 
 
 @njit(cache=True)
-def _release_n(state, meta, ids):
+def _release_n(meta, ids):
     """Return HELD blocks ``ids`` to the ring tail in order; ``(-1, OK)``, or
     the first bad id's index and ``ERR_*`` code, freeing nothing."""
+    state = _state_of(meta)
     bad, status = _release_status(state, ids)
     if bad < 0:
         _put(state, meta, ids)
@@ -268,9 +269,10 @@ def _release_n(state, meta, ids):
 
 
 @njit(cache=True)
-def _release(state, meta, block):
+def _release(meta, block):
     """Return one HELD block to the ring tail; ``OK``, or an ``ERR_*`` code
     and nothing freed."""
+    state = _state_of(meta)
     if block < 0 or block >= state.shape[0]:
         return ERR_RANGE
     s = state[block]                    # (a non-integer block fails here)
@@ -308,9 +310,10 @@ def _walk(state, link, head, n, out, at):
 
 
 @njit(cache=True)
-def _chain_blocks(state, meta, head, n):
+def _chain_blocks(meta, head, n):
     """The ids of the chain at ``head``, at most ``n``, stopping early at a
     bad link or state (so a short result means a broken chain)."""
+    state = _state_of(meta)
     out = np.empty(max(min(n, state.shape[0]), 0), np.int64)
     return out[:_walk(state, _parts(state, meta)[1], head, n, out, 0)]
 
@@ -327,10 +330,11 @@ def _link_run(state, link, ids, start, stop, first_state):
 
 
 @njit(cache=True)
-def _alloc_chains(arena, state, meta, counts, zero):
+def _alloc_chains(arena, meta, counts, zero):
     """One chain of ``counts[k]`` blocks per k, taken in pool order; their
     heads, or an empty array (taking nothing) if any count < 1 or too few
     blocks are free. ``zero`` zeroes the blocks' bytes."""
+    state = _state_of(meta)
     m = counts.shape[0]
     free = _free_count(state, meta)
     need = 0
@@ -348,30 +352,32 @@ def _alloc_chains(arena, state, meta, counts, zero):
         heads[k] = ids[pos]
         pos += counts[k]
     if zero:
-        _zero(arena, meta[2 * state.shape[0] + C_BLOCK_SIZE], ids, 0)
+        _zero(arena, meta[C_BLOCK_SIZE], ids, 0)
     return heads
 
 
 @njit(cache=True)
-def _alloc_chain(arena, state, meta, n, zero):
+def _alloc_chain(arena, meta, n, zero):
     """One chain of ``n`` blocks; its head, or ``NO_BLOCK``."""
+    state = _state_of(meta)
     if n < 1 or n > _free_count(state, meta):
         return NO_BLOCK
     ids = np.empty(n, np.int64)
     _take(state, meta, ids, LINK)
     _link_run(state, _parts(state, meta)[1], ids, 0, n, HEAD)
     if zero:
-        _zero(arena, meta[2 * state.shape[0] + C_BLOCK_SIZE], ids, 0)
+        _zero(arena, meta[C_BLOCK_SIZE], ids, 0)
     return ids[0]
 
 
 @njit(cache=True)
-def _free_chains(state, meta, heads):
+def _free_chains(meta, heads):
     """Free the whole chains at ``heads`` to the ring tail, chain by chain in
     order; all their ids in that order, or an empty array (freeing nothing)
     if any head does not start a chain that ends in ``NO_BLOCK``, or two
     share a block. One walk per chain, staging the ids in the ring's unused
     slots past the tail (a refused call may leave ids there, nothing else)."""
+    state = _state_of(meta)
     ring, link, ctr = _parts(state, meta)
     total = state.shape[0]
     count = ctr[C_COUNT]
@@ -401,10 +407,11 @@ def _free_chains(state, meta, heads):
 
 
 @njit(cache=True)
-def _free_chain(state, meta, head, n):
+def _free_chain(meta, head, n):
     """Free one chain of exactly ``n`` blocks to the ring tail, in chain
     order; ``OK``, or ``ERR_BAD_CHAIN`` (freeing nothing). One walk: the ids
     are written into the ring's unused slots past the tail, then counted in."""
+    state = _state_of(meta)
     ring, link, ctr = _parts(state, meta)
     total = state.shape[0]
     count = ctr[C_COUNT]
@@ -421,7 +428,7 @@ def _free_chain(state, meta, head, n):
 
 
 @njit(cache=True)
-def _resize_chain(arena, state, meta, head, n_old, n_new, zero_from, zero):
+def _resize_chain(arena, meta, head, n_old, n_new, zero_from, zero):
     """Make the chain at ``head`` ``n_new`` blocks long (``n_new >= 1``).
 
     Growth appends blocks in pool order; shrinking frees the tail blocks to
@@ -429,6 +436,7 @@ def _resize_chain(arena, state, meta, head, n_old, n_new, zero_from, zero):
     are the kept bytes from ``zero_from`` on. Returns ``OK``,
     ``ERR_NO_SPACE``, ``ERR_RANGE`` or ``ERR_BAD_CHAIN`` (then nothing
     changed)."""
+    state = _state_of(meta)
     ring, link, ctr = _parts(state, meta)
     ids = np.empty(max(min(n_old, state.shape[0]), 0), np.int64)
     if _walk(state, link, head, n_old, ids, 0) != n_old + 1 or n_new < 1:
@@ -505,14 +513,16 @@ def _copy(arena, state, meta, head, n, offset, buf, into_arena):
 
 
 @njit(cache=True)
-def _write_chain(arena, state, meta, head, n, offset, data):
+def _write_chain(arena, meta, head, n, offset, data):
     """Copy ``data`` (``uint8``) into the chain from byte ``offset``."""
+    state = _state_of(meta)
     return _copy(arena, state, meta, head, n, offset, data, True)
 
 
 @njit(cache=True)
-def _read_chain(arena, state, meta, head, n, offset, out):
+def _read_chain(arena, meta, head, n, offset, out):
     """Fill ``out`` (``uint8``) from the chain's bytes at ``offset``."""
+    state = _state_of(meta)
     return _copy(arena, state, meta, head, n, offset, out, False)
 
 
@@ -568,13 +578,14 @@ class MemoryPool:
             self.arena = arena[:n * block_size]
         self.block_size = block_size
         self.total_blocks = n
-        self.state = np.zeros(n, np.uint8)
-        self.meta = np.zeros(2 * n + _N_COUNTERS, np.int64)
-        self.ring = self.meta[:n]
-        self.link = self.meta[n:2 * n]
-        self.ctr = self.meta[2 * n:]
-        self.link[:] = NO_BLOCK
+        self.meta = np.zeros(_N_COUNTERS + 2 * n + (n + 7) // 8, np.int64)
+        self.ctr = self.meta[:_N_COUNTERS]
+        self.ring = self.meta[_N_COUNTERS:_N_COUNTERS + n]
+        self.link = self.meta[_N_COUNTERS + n:_N_COUNTERS + 2 * n]
         self.ctr[C_BLOCK_SIZE] = block_size
+        self.ctr[C_TOTAL] = n
+        self.link[:] = NO_BLOCK
+        self.state = _state_of(self.meta)
 
     # counters ---------------------------------------------------------------
 
@@ -634,21 +645,21 @@ class MemoryPool:
     def allocate_n(self, out):
         """Take ``len(out)`` blocks into ``out``; return ``len(out)``, or 0
         (taking nothing) when fewer are free."""
-        return _allocate_n(self.state, self.meta, out)
+        return _allocate_n(self.meta, out)
 
     def allocate(self):
         """Take one block; return its id, or ``NO_BLOCK`` when none is free."""
-        return int(_allocate(self.state, self.meta))
+        return int(_allocate(self.meta))
 
     def release_n(self, ids):
         """Return HELD blocks ``ids`` to the ring tail in order; return ``OK``,
         or an ``ERR_*`` code and free nothing."""
-        return _release_n(self.state, self.meta, ids)[1]
+        return _release_n(self.meta, ids)[1]
 
     def release(self, block):
         """Return one HELD block to the ring tail; ``OK`` or an ``ERR_*``
         code (freeing nothing)."""
-        return _release(self.state, self.meta, block)
+        return _release(self.meta, block)
 
     def _raise_for(self, status, block):
         """The ``ValueError`` for a refused ``block``, naming it."""
@@ -666,7 +677,7 @@ class MemoryPool:
 
     def deallocate_n(self, ids):
         """``release_n`` that raises ``ValueError`` naming the first bad id."""
-        bad, status = _release_n(self.state, self.meta, ids)
+        bad, status = _release_n(self.meta, ids)
         if status != OK:
             self._raise_for(status, ids[bad])
 
@@ -681,29 +692,29 @@ class MemoryPool:
     def chain_blocks(self, head, n):
         """The ids of the chain at ``head``, at most ``n``, stopping early at
         a bad link or state (so a short result means a broken chain)."""
-        return _chain_blocks(self.state, self.meta, head, n)
+        return _chain_blocks(self.meta, head, n)
 
     def alloc_chains(self, counts, zero):
         """One chain of ``counts[k]`` blocks per k, taken in pool order; return
         their heads, or an empty array (taking nothing) if any count < 1 or
         too few blocks are free. ``zero`` zeroes the blocks' bytes."""
-        return _alloc_chains(self.arena, self.state, self.meta, counts, zero)
+        return _alloc_chains(self.arena, self.meta, counts, zero)
 
     def alloc_chain(self, n, zero):
         """One chain of ``n`` blocks; its head, or ``NO_BLOCK``."""
-        return int(_alloc_chain(self.arena, self.state, self.meta, n, zero))
+        return int(_alloc_chain(self.arena, self.meta, n, zero))
 
     def free_chains(self, heads):
         """Free the whole chains at ``heads`` to the ring tail, chain by chain
         in order; return all their ids in that order, or an empty array
         (freeing nothing) if any head does not start a chain that ends in
         ``NO_BLOCK``, or two share a block."""
-        return _free_chains(self.state, self.meta, heads)
+        return _free_chains(self.meta, heads)
 
     def free_chain(self, head, n):
         """Free one chain of ``n`` blocks to the ring tail, in chain order;
         ``OK``, or ``ERR_BAD_CHAIN`` (freeing nothing)."""
-        return _free_chain(self.state, self.meta, head, n)
+        return _free_chain(self.meta, head, n)
 
     def resize_chain(self, head, n_old, n_new, zero_from, zero):
         """Make the chain at ``head`` ``n_new`` blocks long (``n_new >= 1``).
@@ -713,17 +724,17 @@ class MemoryPool:
         so are the kept bytes from ``zero_from`` on. Returns ``OK``,
         ``ERR_NO_SPACE`` or ``ERR_BAD_CHAIN`` (then nothing changed).
         """
-        return _resize_chain(self.arena, self.state, self.meta, head, n_old,
+        return _resize_chain(self.arena, self.meta, head, n_old,
                              n_new, zero_from, zero)
 
     def write_chain(self, head, n, offset, data):
         """Copy ``data`` (``uint8``) into the chain from byte ``offset``."""
-        return _write_chain(self.arena, self.state, self.meta, head, n,
+        return _write_chain(self.arena, self.meta, head, n,
                             offset, data)
 
     def read_chain(self, head, n, offset, out):
         """Fill ``out`` (``uint8``) from the chain's bytes at ``offset``."""
-        return _read_chain(self.arena, self.state, self.meta, head, n,
+        return _read_chain(self.arena, self.meta, head, n,
                            offset, out)
 
 
@@ -777,17 +788,18 @@ class _Kernels(dict):
     """``name -> entry point`` for the kernels the manager calls, each
     resolved on first use for the one signature the manager passes."""
 
-    _ARRAYS = (uint8[::1], uint8[::1], int64[::1])      # arena, state, meta
+    _ARENA, _META = uint8[::1], int64[::1]
     SIGNATURES = {
-        "alloc_chain": (_alloc_chain, _ARRAYS + (int64, boolean)),
-        "alloc_chains": (_alloc_chains, _ARRAYS + (int64[::1], boolean)),
-        "free_chain": (_free_chain, _ARRAYS[1:] + (int64, int64)),
-        "free_chains": (_free_chains, _ARRAYS[1:] + (int64[::1],)),
-        "resize_chain": (_resize_chain,
-                         _ARRAYS + (int64, int64, int64, int64, boolean)),
-        "write_chain": (_write_chain, _ARRAYS + (int64, int64, int64, uint8[::1])),
-        "read_chain": (_read_chain, _ARRAYS + (int64, int64, int64, uint8[::1])),
-        "chain_blocks": (_chain_blocks, _ARRAYS[1:] + (int64, int64)),
+        "alloc_chain": (_alloc_chain, (_ARENA, _META, int64, boolean)),
+        "alloc_chains": (_alloc_chains, (_ARENA, _META, int64[::1], boolean)),
+        "free_chain": (_free_chain, (_META, int64, int64)),
+        "free_chains": (_free_chains, (_META, int64[::1])),
+        "resize_chain": (_resize_chain, (_ARENA, _META, int64, int64, int64,
+                                         int64, boolean)),
+        "write_chain": (_write_chain, (_ARENA, _META, int64, int64, int64,
+                                       uint8[::1])),
+        "read_chain": (_read_chain, (_ARENA, _META, int64, int64, int64,
+                                     uint8[::1])),
     }
 
     def __missing__(self, name):
@@ -1111,9 +1123,8 @@ class KVCacheManager:
             arena = _as_arena(buffer, total_size)
         self._pool = _PlainPool(total_size, block_size, arena)
         self._jitpool = None                   # the jitclass, built on demand
-        self._arena = self._pool.arena         # the kernels' three arrays,
-        self._blockstate = self._pool.state    # fetched once
-        self._meta = self._pool.meta
+        self._arena = self._pool.arena         # the kernels' two arrays,
+        self._meta = self._pool.meta           # fetched once
         self._block_size = block_size
         self._capacity = self._pool.capacity
         self._eviction = eviction
@@ -1239,13 +1250,11 @@ class KVCacheManager:
             else:
                 n, size = self._blocks_for(size)
             self._check_new_key(key)
-            head = _K["alloc_chain"](self._arena, self._blockstate, self._meta, n,
-                                          self._zero)
+            head = _K["alloc_chain"](self._arena, self._meta, n, self._zero)
             reports = None
             if head < 0:
                 reports = self._make_room(n, None)
-                head = _K["alloc_chain"](self._arena, self._blockstate, self._meta, n,
-                                          self._zero)
+                head = _K["alloc_chain"](self._arena, self._meta, n, self._zero)
                 assert head >= 0, f"no {n} blocks free after making room"
             entry = KVPoolEntry(key, size, head, n, self._pool)
             self._cache[key] = entry
@@ -1275,12 +1284,12 @@ class KVCacheManager:
             if not keys:
                 return []
             alloc_chains = _K["alloc_chains"]
-            heads = alloc_chains(self._arena, self._blockstate, self._meta, counts,
+            heads = alloc_chains(self._arena, self._meta, counts,
                                  self._zero)
             reports = None
             if heads.shape[0] == 0:
                 reports = self._make_room(int(counts.sum()), None)
-                heads = alloc_chains(self._arena, self._blockstate, self._meta, counts,
+                heads = alloc_chains(self._arena, self._meta, counts,
                                  self._zero)
                 assert heads.shape[0] == len(keys), "blocks vanished"
             entries = list(map(KVPoolEntry, keys, sizes, heads.tolist(),
@@ -1325,8 +1334,7 @@ class KVCacheManager:
             n_old = entry.n_blocks
             reports = None
             if n_new != n_old or (self._zero and new_size < entry.size):
-                args = (self._arena, self._blockstate, self._meta,
-                        entry.block, n_old, n_new,
+                args = (self._arena, self._meta, entry.block, n_old, n_new,
                         min(entry.size, new_size), self._zero)
                 status = _K["resize_chain"](*args)
                 if status == ERR_NO_SPACE:
@@ -1423,13 +1431,13 @@ class KVCacheManager:
             return None
         if len(entries) == 1 and not self._listeners:   # the common case
             entry = entries[0]
-            status = _K["free_chain"](self._blockstate, self._meta,
-                                      entry.block, entry.n_blocks)
+            status = _K["free_chain"](self._meta, entry.block,
+                                      entry.n_blocks)
             assert status == OK, f"entry {entry!r} has no valid chain"
             self._forget(entries, reason)
             return None
         heads = np.fromiter([e.block for e in entries], np.int64, len(entries))
-        ids = _K["free_chains"](self._blockstate, self._meta, heads)
+        ids = _K["free_chains"](self._meta, heads)
         assert ids.shape[0] > 0, "an entry has no valid chain"
         if not self._listeners:
             self._forget(entries, reason)
@@ -1634,8 +1642,7 @@ class KVCacheManager:
             entry = self._entry(key)
             raw = _as_bytes(data)
             offset = self._span(entry, offset, raw.shape[0])
-            status = _K["write_chain"](self._arena, self._blockstate,
-                                       self._meta, entry.block,
+            status = _K["write_chain"](self._arena, self._meta, entry.block,
                                        entry.n_blocks, offset, raw)
             assert status == OK, f"write_chain failed with status {status}"
             self._cache.move_to_end(key)
@@ -1668,8 +1675,7 @@ class KVCacheManager:
                 nbytes = count * dtype.itemsize
             offset = self._span(entry, offset, nbytes)
             out = np.empty(nbytes, np.uint8)
-            status = _K["read_chain"](self._arena, self._blockstate,
-                                      self._meta, entry.block,
+            status = _K["read_chain"](self._arena, self._meta, entry.block,
                                       entry.n_blocks, offset, out)
             assert status == OK, f"read_chain failed with status {status}"
             self._cache.move_to_end(key)

@@ -27,7 +27,7 @@ for name, obj in vars(kvpool).items():
     s = getattr(obj, "stats", None)
     if s is not None and hasattr(s, "cache_hits"):
         stats[name] = [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
-print(json.dumps({"stats": stats, "free": kvpool._free_count(m._blockstate, m._meta)}))
+print(json.dumps({"stats": stats, "free": int(kvpool._free_count(m._pool.state, m._pool.meta))}))
 """
 
 
@@ -82,7 +82,7 @@ def test_editing_the_module_never_runs_stale_code(tmp_path):
     source = where / "kvpool.py"
     assert _run(_FIRST_USE, where, tmp_path / "cache")["free"] == 256
     text = source.read_text()
-    old = "return ctr[C_COUNT] + state.shape[0] - ctr[C_BUMP]"
+    old = "return meta[C_COUNT] + state.shape[0] - meta[C_BUMP]"
     assert text.count(old) == 1
     source.write_text(text.replace(old, old + " + 1000"))
     assert _run(_FIRST_USE, where, tmp_path / "cache")["free"] == 1256
