@@ -21,8 +21,10 @@ the same work.
 
 Under NUMBA_DISABLE_JIT=1 the loop counts are divided by 10 to 50 (kvpool then runs
 as plain Python and the figures describe that fallback, not the compiled pool).
-The exit status is 1 only if a case raised; a MISS in the target table is a
-measured result, not a failure.
+Rows and targets have stable ids (short slugs, printed beside each row); the
+targets and the JSON receipt find rows by id, never by the text shown.
+The exit status is 1 only if a case raised or a target's row is missing; a
+MISS in the target table is a measured result, not a failure.
 """
 
 import argparse
@@ -33,6 +35,7 @@ import json
 import operator
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -49,7 +52,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 JIT_DISABLED = bool(numba.config.DISABLE_JIT)
 PLOT_HINT = 'matplotlib is not installed: pip install "kvpool[plot]" (or pip install matplotlib)'
 
-RESULTS = []          # every printed row, for the receipt, the plot and the targets
+RESULTS = {}          # row id -> row, for the receipt, the plot and the targets
+ID = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")   # a row id: lowercase words joined by "-"
 SERIES = {}           # serving-trace utilization / fragmentation per step, for the plot
 
 
@@ -181,43 +185,49 @@ def cell(sample, unit, nbytes=None):
     return f"{fmt(med, unit)} [{fmt(lo, unit)}-{fmt(hi, unit)}]"
 
 
-HEADER = (f"{'case':<4} {'what':<44} {'unit':<9} {'kvpool: median [min-max]':>28}"
+HEADER = (f"{'case':<4} {'id':<24} {'what':<44} {'unit':<9} {'kvpool: median [min-max]':>28}"
           f"  {'peer: median [min-max]':>28}  {'ratio':>6}  peer")
 
 
-def row(case, what, unit, kv, peer=None, peer_name="", nbytes=None, note="", **extra):
+def keep(rid, case, what, unit, **fields):
+    """Record a row under its id: the targets and the receipt find rows by id,
+    never by the text shown, so a label can be reworded freely."""
+    if not ID.fullmatch(rid):
+        raise ValueError(f"row id {rid!r} is not a short lowercase slug")
+    if rid in RESULTS:
+        raise ValueError(f"row id {rid!r} is used twice")
+    RESULTS[rid] = {"id": rid, "case": case, "what": what, "unit": unit, **fields}
+
+
+def slug(text):
+    """A row id made from a label: lowercase words joined by "-"."""
+    return "-".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def row(rid, case, what, unit, kv, peer=None, peer_name="", nbytes=None, note="", **extra):
     """Print one finished row (flushed) and keep it for the receipt."""
     ratio = peer.median / kv.median if (kv is not None and peer is not None) else None
-    line = (f"{case:<4} {what:<44} {unit:<9} {cell(kv, unit, nbytes):>28}"
+    line = (f"{case:<4} {rid:<24} {what:<44} {unit:<9} {cell(kv, unit, nbytes):>28}"
             f"  {cell(peer, unit, nbytes):>28}  {('%.2f' % ratio) if ratio else '-':>6}"
             f"  {peer_name}")
     if note:
         line += f"  ({note})"
+    keep(rid, case, what, unit, peer_name=peer_name,
+         kvpool=kv.to_dict() if kv else None,
+         peer=peer.to_dict() if peer else None,
+         kvpool_display=shown(kv, unit, nbytes), peer_display=shown(peer, unit, nbytes),
+         ratio=ratio, bytes_per_op=nbytes, note=note, **extra)
     print(line.rstrip(), flush=True)
-    RESULTS.append({
-        "case": case, "what": what, "unit": unit, "peer_name": peer_name,
-        "kvpool": kv.to_dict() if kv else None,
-        "peer": peer.to_dict() if peer else None,
-        "kvpool_display": shown(kv, unit, nbytes), "peer_display": shown(peer, unit, nbytes),
-        "ratio": ratio, "bytes_per_op": nbytes, "note": note, **extra})
     return ratio
 
 
-def info(case, what, unit, value, note="", **extra):
+def info(rid, case, what, unit, value, note="", **extra):
     """A figure without a peer or a spread (counts, rates, bytes)."""
-    line = f"{case:<4} {what:<44} {unit:<9} {fmt(value, unit):>28}"
+    line = f"{case:<4} {rid:<24} {what:<44} {unit:<9} {fmt(value, unit):>28}"
     if note:
         line += f"  {'':>28}  {'':>6}  ({note})"
+    keep(rid, case, what, unit, value=value, note=note, **extra)
     print(line, flush=True)
-    RESULTS.append({"case": case, "what": what, "unit": unit, "value": value,
-                    "note": note, **extra})
-
-
-def value_of(case, what):
-    for r in RESULTS:
-        if r["case"] == case and r["what"] == what:
-            return r
-    return None
 
 
 # -- peer: a pure-Python reference of KVCacheManager ------------------------------
@@ -476,7 +486,8 @@ def case_roundtrip(cfg):
             what = f"round trip, {blocks} block{'s' if blocks > 1 else ''}"
             if zero:
                 what += ", zeroing (default)"
-            row("1", what, "ns/op", kv, ref, "RefManager", blocks=blocks,
+            rid = f"roundtrip-{blocks}" + ("-zeroing" if zero else "")
+            row(rid, "1", what, "ns/op", kv, ref, "RefManager", blocks=blocks,
                 note="informational" if zero else "")
 
 
@@ -531,9 +542,10 @@ def case_batch(cfg):
     ref = timed(lambda r: singles_loop(r, keys, sizes, rounds), ops, cfg.repeats,
                 lambda: RefManager(2 * n * bs, bs))
     single = timed(lambda m: singles_loop(m, keys, sizes, rounds), ops, cfg.repeats, fresh)
-    row("2", f"batch of {n:,} x 1 block, vs reference", "ns/entry", batch, ref, "RefManager loop")
-    row("2", f"batch of {n:,} x 1 block, vs single calls", "ns/entry", batch, single,
-        "kvpool single calls")
+    row("batch-vs-ref", "2", f"batch of {n:,} x 1 block, vs reference", "ns/entry", batch,
+        ref, "RefManager loop")
+    row("batch-vs-single", "2", f"batch of {n:,} x 1 block, vs single calls", "ns/entry",
+        batch, single, "kvpool single calls")
     live = 100 * n              # the same batches beside many live entries
     def crowded():
         m = KVCacheManager((live + 2 * n) * bs, bs)
@@ -541,7 +553,7 @@ def case_batch(cfg):
         return m
     batch = timed(lambda m: batch_kvpool(m, keys, sizes, rounds), ops, cfg.repeats, crowded)
     single = timed(lambda m: singles_loop(m, keys, sizes, rounds), ops, cfg.repeats, crowded)
-    row("2", f"same, beside {live:,} live entries", "ns/entry", batch, single,
+    row("batch-crowded", "2", f"same, beside {live:,} live entries", "ns/entry", batch, single,
         "kvpool single calls", note="informational")
     # Each half alone: ``rounds`` batches of distinct keys, into or out of one manager.
     groups = [list(range(r * n, (r + 1) * n)) for r in range(rounds)]
@@ -550,13 +562,15 @@ def case_batch(cfg):
         m = empty()
         m.allocate_entries(range(rounds * n), [bs] * (rounds * n))
         return m
-    for what, setup, batched, singly in (
-            ("allocate_entries vs allocate_entry", empty, allocate_groups, allocate_singly),
-            ("remove_cache_entries vs remove_cache_entry", full, remove_groups, remove_singly)):
-        row("2", what, "ns/entry", timed(lambda m: batched(m, groups, sizes), ops, cfg.repeats,
-                                         setup),
-            timed(lambda m: singly(m, groups, sizes), ops, cfg.repeats, setup),
-            "kvpool single calls", note="informational")
+    for rid, what, setup, batched, singly in (
+            ("batch-allocate-half", "allocate_entries vs allocate_entry", empty,
+             allocate_groups, allocate_singly),
+            ("batch-remove-half", "remove_cache_entries vs remove_cache_entry", full,
+             remove_groups, remove_singly)):
+        kv = timed(lambda m: batched(m, groups, sizes), ops, cfg.repeats, setup)
+        single = timed(lambda m: singly(m, groups, sizes), ops, cfg.repeats, setup)
+        row(rid, "2", what, "ns/entry", kv, single, "kvpool single calls",
+            note="informational")
 
 
 # -- case 3: block-level batches on the pool ----------------------------------------
@@ -579,7 +593,8 @@ def case_block_batch(cfg):
                setup=lambda: MemoryPool(2 * n * 64, 64))
     peer = timed(lambda q: vllm_batches(q, n, rounds), n * rounds, cfg.repeats,
                  setup=lambda: VllmFreeQueue([Block(i) for i in range(2 * n)]))
-    row("3", f"allocate_n + release_n, {n:,} blocks", "ns/block", kv, peer, "VllmFreeQueue")
+    row("blocks-vllm", "3", f"allocate_n + release_n, {n:,} blocks", "ns/block", kv, peer,
+        "VllmFreeQueue")
 
 
 # -- case 4: the pool from compiled code ---------------------------------------------
@@ -626,7 +641,8 @@ def case_compiled(cfg):
     peer = timed(lambda d: got.__setitem__("py", deque_pairs(d, n)), n, cfg.repeats,
                  setup=lambda: collections.deque(range(blocks)))
     assert got["kv"] == got["py"] >= 0, got      # the same ids in the same order
-    row("4", "@njit allocate() + release() pair", "ns/pair", kv, peer, "Python loop on a deque")
+    row("compiled-pair", "4", "@njit allocate() + release() pair", "ns/pair", kv, peer,
+        "Python loop on a deque")
 
 
 # -- case 5: bytes in and out of an entry ----------------------------------------------
@@ -675,7 +691,8 @@ def case_data(cfg):
                 peer = timed(lambda _: copyto_twice(region, data, n), n, cfg.repeats)
                 label = f"{size >> 10} KiB" if size < (1 << 20) else f"{size >> 20} MiB"
                 layout = "scattered" if scattered else "adjacent"
-                row("5", f"write + read {label}, bs {bs}, {layout}", "MB/s", kv, peer,
+                rid = f"data-{label.replace(' ', '').lower()}-bs{bs}-{layout}"
+                row(rid, "5", f"write + read {label}, bs {bs}, {layout}", "MB/s", kv, peer,
                     "np.copyto x2", nbytes=2 * size, size=size, block_size=bs,
                     layout=layout, note="" if bs == 1024 else "informational")
 
@@ -724,8 +741,8 @@ def case_lru(cfg):
     assert counted["kv evictions"] == counted["ref evictions"], counted
     evictions = counted["kv evictions"]
     allocations = calls - len(stream)
-    row("6", "LRU churn, pool 1/3 of the working set", "ns/op", kv, ref, "RefManager-LRU",
-        note=f"{calls:,} calls, {allocations:,} allocations")
+    row("lru-churn", "6", "LRU churn, pool 1/3 of the working set", "ns/op", kv, ref,
+        "RefManager-LRU", note=f"{calls:,} calls, {allocations:,} allocations")
 
     probe = KVCacheManager(big * bs, bs)
     calls_none = churn(probe, stream, sizes)
@@ -733,9 +750,10 @@ def case_lru(cfg):
                  setup=lambda: KVCacheManager(big * bs, bs))
     ref_none = timed(lambda r: churn(r, stream, sizes), calls_none, cfg.repeats,
                      setup=lambda: RefManager(big * bs, bs))
-    row("6", 'same stream, eviction="none", big pool', "ns/op", none, ref_none,
-        "RefManager (dict)", note=f"{calls_none:,} calls, {calls_none - len(stream):,} allocations")
-    info("6", "LRU minus none, kvpool", "ns/op", kv.median - none.median,
+    row("lru-none", "6", 'same stream, eviction="none", big pool', "ns/op", none, ref_none,
+        "RefManager (dict)",
+        note=f"{calls_none:,} calls, {calls_none - len(stream):,} allocations")
+    info("lru-overhead", "6", "LRU minus none, kvpool", "ns/op", kv.median - none.median,
          note="includes the re-allocations that evictions cause")
     n = cfg.pairs // 20
     for what, key in (("hit", 0), ("miss", -1)):
@@ -745,8 +763,8 @@ def case_lru(cfg):
         r.allocate_entry(0, 1)
         kv_get = timed(lambda _: lookups(m, key, n), n, cfg.repeats)
         ref_get = timed(lambda _: lookups(r, key, n), n, cfg.repeats)
-        row("6", f"m.get(key), {what}", "ns/op", kv_get, ref_get, "RefManager-LRU")
-    info("6", "evictions per call", "ratio", evictions / calls,
+        row(f"get-{what}", "6", f"m.get(key), {what}", "ns/op", kv_get, ref_get, "RefManager-LRU")
+    info("lru-evictions-per-call", "6", "evictions per call", "ratio", evictions / calls,
          note=f"{evictions:,} evictions, {evictions / max(allocations, 1):.0%} of allocations, "
               f"hit rate {1 - allocations / len(stream):.0%}")
 
@@ -864,18 +882,21 @@ def case_serving(cfg):
     out = outcome["kv"]
     SERIES["utilization"], SERIES["fragmentation"] = util, frag
     seconds = kv.median * calls / 1e9
-    row("7", f"serving trace, {cfg.serve_steps:,} steps, LRU", "ns/op", kv, ref,
+    row("serve", "7", f"serving trace, {cfg.serve_steps:,} steps, LRU", "ns/op", kv, ref,
         "RefManager-LRU", note=f"{calls:,} calls: allocate/resize/remove",
         requests_per_s=out["completed"] / seconds, ops_per_s=calls / seconds)
-    info("7", "requests completed per second", "req/s", out["completed"] / seconds,
+    info("serve-requests-per-s", "7", "requests completed per second", "req/s",
+         out["completed"] / seconds,
          note=f"{out['completed']:,} of {trace.requests:,} requests completed")
-    info("7", "operations per second", "ops/s", calls / seconds)
-    info("7", "peak utilization (used/total blocks)", "%", 100 * out["peak"] / blocks,
+    info("serve-ops-per-s", "7", "operations per second", "ops/s", calls / seconds)
+    info("serve-peak-utilization", "7", "peak utilization (used/total blocks)", "%",
+         100 * out["peak"] / blocks,
          note=f"pool {blocks:,} blocks of {bs} B = 80% of the unlimited peak "
               f"{unlimited.peak_used:,}")
-    info("7", "mean utilization", "%", 100 * statistics.fmean(util))
-    info("7", "mean fragmentation (internal)", "%", 100 * statistics.fmean(frag))
-    info("7", "LRU evictions", "count", out["evictions"],
+    info("serve-mean-utilization", "7", "mean utilization", "%", 100 * statistics.fmean(util))
+    info("serve-mean-fragmentation", "7", "mean fragmentation (internal)", "%",
+         100 * statistics.fmean(frag))
+    info("serve-lru-evictions", "7", "LRU evictions", "count", out["evictions"],
          note=f"{out['readmitted']:,} re-admissions, {out['skipped']} PoolExhaustedError skipped")
 
 
@@ -926,13 +947,13 @@ def case_first_use(cfg):
     imports = [in_fresh_process(IMPORTS) for _ in range(cfg.sub_repeats)]
     runs = [in_fresh_process(FIRST_USE) for _ in range(cfg.sub_repeats)]
     seconds = lambda rs, name: Sample([r[name] * 1e9 for r in rs])
-    row("8", "import numba (fresh process)", "s", seconds(imports, "import numba"))
-    row("8", "import kvpool minus import numba", "s",
+    row("import-numba", "8", "import numba (fresh process)", "s", seconds(imports, "import numba"))
+    row("import-kvpool", "8", "import kvpool minus import numba", "s",
         seconds(imports, "import kvpool after numba"), note="kvpool imported after numba")
     for name in runs[0]:
-        row("8", name + (" (fresh process)" if name == "import kvpool" else ""), "s",
-            seconds(runs, name))
-    row("8", "all first calls (construction + methods)", "s",
+        what = name + (" (fresh process)" if name == "import kvpool" else "")
+        row("first-" + slug(name), "8", what, "s", seconds(runs, name))
+    row("first-use-total", "8", "all first calls (construction + methods)", "s",
         Sample([sum(v for k, v in r.items() if k != "import kvpool") * 1e9 for r in runs]))
 
 
@@ -955,13 +976,13 @@ print(json.dumps({"before_kib": before, "after_kib": after,
 def case_memory(cfg):
     pool = MemoryPool(1 << 20, 64)
     meta = pool.ring.nbytes + pool.link.nbytes + pool.state.nbytes
-    info("9", "metadata per block (ring + link + state)", "bytes/block",
+    info("metadata-per-block", "9", "metadata per block (ring + link + state)", "bytes/block",
          meta / pool.total_blocks)
     r = in_fresh_process(RSS)
-    info("9", "peak RSS with KVCacheManager(1 GiB, 64)", "MiB", r["after_kib"] / 1024,
+    info("rss-1gib", "9", "peak RSS with KVCacheManager(1 GiB, 64)", "MiB", r["after_kib"] / 1024,
          note=f"{r['total_blocks']:,} blocks; peak RSS before it "
               f"{r['before_kib'] / 1024:,.1f} MiB")
-    info("9", "peak RSS growth for the 1 GiB pool", "MiB",
+    info("rss-growth-1gib", "9", "peak RSS growth for the 1 GiB pool", "MiB",
          (r["after_kib"] - r["before_kib"]) / 1024,
          note=f"allocated: arena {r['arena_bytes'] / 2**20:,.0f} MiB + metadata "
               f"{r['meta_bytes'] / 2**20:,.0f} MiB")
@@ -998,13 +1019,14 @@ def case_lock(cfg):
     m.allocate_entry("k", 100)
     peek = timed(lambda _: peek_loop(m, "k", n), n, cfg.repeats)
     bare = timed(lambda _: unlocked_loop(m, "k", n), n, cfg.repeats)
-    row("10", "m.peek(key) vs m._cache.get(key)", "ns/op", peek, bare, "unlocked dict get")
-    info("10", "peek minus unlocked get", "ns/op", peek.median - bare.median,
+    row("lock-peek", "10", "m.peek(key) vs m._cache.get(key)", "ns/op", peek, bare,
+        "unlocked dict get")
+    info("lock-peek-overhead", "10", "peek minus unlocked get", "ns/op", peek.median - bare.median,
          note="lock + method call + try")
     lock = m._lock
     locked = timed(lambda _: with_lock_loop(lock, n), n, cfg.repeats)
     empty = timed(lambda _: empty_loop(n), n, cfg.repeats)
-    info("10", "`with m._lock: pass` minus an empty loop", "ns/op",
+    info("lock-rlock", "10", "`with m._lock: pass` minus an empty loop", "ns/op",
          locked.median - empty.median, note=f"{type(lock).__name__}, uncontended")
 
 
@@ -1024,61 +1046,95 @@ def case_save_load(cfg):
         assert KVCacheManager.load(path) == m
     label = f"{size >> 20} MiB arena"
     note = f"file {nbytes / 2**20:,.0f} MiB, fsync'd; MB/s of file bytes"
-    row("11", f"save, {label}", "MB/s", save, nbytes=nbytes, note=note)
-    row("11", f"load, {label} (with check_invariants)", "MB/s", load, nbytes=nbytes, note=note)
+    row("save", "11", f"save, {label}", "MB/s", save, nbytes=nbytes, note=note)
+    row("load", "11", f"load, {label} (with check_invariants)", "MB/s", load, nbytes=nbytes,
+        note=note)
 
 
 # -- targets ------------------------------------------------------------------------
 
-def targets():
-    """(what, measured text, target text, passed) for each stated target."""
+def ratio_at_least(limit):
+    return lambda r: (f"ratio {r[0]['ratio']:.2f}", r[0]["ratio"] >= limit)
+
+
+def block_batch_test(r):
+    ratio, ns = r[0]["ratio"], r[0]["kvpool"]["median_ns"]
+    return f"ratio {ratio:.1f}, {ns:.1f} ns/block", ratio >= 10 and ns <= 10
+
+
+def compiled_pair_test(r):
+    ns = r[0]["kvpool"]["median_ns"]
+    return f"{ns:.1f} ns", ns <= 10
+
+
+def worst_ratio_test(r):
+    worst = min(x["ratio"] for x in r)
+    return f"worst ratio {worst:.3f}", worst >= 0.5
+
+
+def lru_overhead_test(r):
+    return f"{r[0]['value']:,.0f} ns/op", r[0]["value"] <= 1000
+
+
+def seconds_at_most(limit):
+    def test(r):
+        s = r[0]["kvpool"]["median_ns"] / 1e9
+        return f"{s:.3f} s", s <= limit
+    return test
+
+
+DATA_TARGET_ROWS = [f"data-{size}-bs1024-{layout}" for layout in ("adjacent", "scattered")
+                    for size in ("64kib", "1mib")]
+
+# The stated targets: (id, label, case, the ids of the rows it reads, wanted,
+# test(rows) -> (measured text, passed)). Rows are found by id only.
+TARGETS = [
+    ("roundtrip-1", "1-block round trip vs reference", "1", ["roundtrip-1"],
+     "ratio >= 0.50 (at most 2x slower)", ratio_at_least(0.5)),
+    ("roundtrip-16", "16-block round trip vs reference", "1", ["roundtrip-16"],
+     "ratio >= 0.77 (at most 1.3x slower)", ratio_at_least(1 / 1.3)),
+    ("roundtrip-256", "256-block round trip vs reference", "1", ["roundtrip-256"],
+     "ratio >= 2.00 (at least 2x faster)", ratio_at_least(2.0)),
+    ("batch-vs-single", "batch vs single calls", "2", ["batch-vs-single"],
+     "ratio >= 5.00 (5x cheaper per entry)", ratio_at_least(5.0)),
+    ("blocks-vllm", "block batch vs vLLM queue", "3", ["blocks-vllm"],
+     ">= 10x and <= 10 ns/block", block_batch_test),
+    ("compiled-pair", "compiled allocate+release pair", "4", ["compiled-pair"],
+     "<= 10 ns", compiled_pair_test),
+    ("data-bs1024", "data bandwidth, 1 KiB blocks (>= 64 KiB)", "5", DATA_TARGET_ROWS,
+     "ratio >= 0.50", worst_ratio_test),
+    ("lru-overhead", 'LRU overhead over "none"', "6", ["lru-overhead"],
+     "<= 1,000 ns/op", lru_overhead_test),
+    ("import-kvpool", "import kvpool minus import numba", "8", ["import-kvpool"],
+     "<= 0.150 s", seconds_at_most(0.15)),
+]
+
+
+def targets(completed):
+    """One dict per target whose case ran to the end: its id, rows, what was
+    measured and wanted, and ``pass`` (None when a row it reads is missing,
+    which is a fault of this file, reported as a failure)."""
     out = []
-
-    def ratio_target(case, what, label, limit, text):
-        r = value_of(case, what)
-        if r and r.get("ratio"):
-            out.append((label, f"ratio {r['ratio']:.2f}", text, r["ratio"] >= limit))
-
-    ratio_target("1", "round trip, 1 block", "1-block round trip vs reference", 0.5,
-                 "ratio >= 0.50 (at most 2x slower)")
-    ratio_target("1", "round trip, 16 blocks", "16-block round trip vs reference", 1 / 1.3,
-                 "ratio >= 0.77 (at most 1.3x slower)")
-    ratio_target("1", "round trip, 256 blocks", "256-block round trip vs reference", 2.0,
-                 "ratio >= 2.00 (at least 2x faster)")
-    ratio_target("2", "batch of 1,000 x 1 block, vs single calls", "batch vs single calls",
-                 5.0, "ratio >= 5.00 (5x cheaper per entry)")
-    r = value_of("3", "allocate_n + release_n, 16,384 blocks")
-    if r:
-        ns = r["kvpool"]["median_ns"]
-        out.append(("block batch vs vLLM queue", f"ratio {r['ratio']:.1f}, {ns:.1f} ns/block",
-                    ">= 10x and <= 10 ns/block", r["ratio"] >= 10 and ns <= 10))
-    r = value_of("4", "@njit allocate() + release() pair")
-    if r:
-        ns = r["kvpool"]["median_ns"]
-        out.append(("compiled allocate+release pair", f"{ns:.1f} ns", "<= 10 ns", ns <= 10))
-    rows = [x for x in RESULTS if x["case"] == "5" and x.get("size", 0) >= 64 << 10
-            and x.get("block_size") == 1024]
-    if rows:
-        worst = min(x["ratio"] for x in rows)
-        out.append(("data bandwidth, 1 KiB blocks (>= 64 KiB)", f"worst ratio {worst:.3f}",
-                    "ratio >= 0.50", worst >= 0.5))
-    r = value_of("6", "LRU minus none, kvpool")
-    if r:
-        out.append(('LRU overhead over "none"', f"{r['value']:,.0f} ns/op", "<= 1,000 ns/op",
-                    r["value"] <= 1000))
-    r = value_of("8", "import kvpool minus import numba")
-    if r:
-        s = r["kvpool"]["median_ns"] / 1e9
-        out.append(("import kvpool minus import numba", f"{s:.3f} s", "<= 0.150 s",
-                    s <= 0.15))
+    for tid, label, case, ids, wanted, test in TARGETS:
+        if case not in completed:
+            continue
+        missing = [rid for rid in ids if rid not in RESULTS]
+        if missing:
+            measured, ok = f"no row {', '.join(missing)}", None
+        else:
+            measured, ok = test([RESULTS[rid] for rid in ids])
+        out.append({"id": tid, "target": label, "rows": ids, "measured": measured,
+                    "wanted": wanted, "pass": ok})
     return out
 
 
 def print_targets(rows):
     print("\ntargets (measured in this run)", flush=True)
-    print(f"  {'target':<42} {'measured':<28} {'wanted':<36} result")
-    for label, measured, wanted, ok in rows:
-        print(f"  {label:<42} {measured:<28} {wanted:<36} {'PASS' if ok else 'MISS'}")
+    print(f"  {'id':<16} {'target':<42} {'measured':<28} {'wanted':<36} result")
+    for t in rows:
+        result = {True: "PASS", False: "MISS", None: "NO ROW"}[t["pass"]]
+        print(f"  {t['id']:<16} {t['target']:<42} {t['measured']:<28} {t['wanted']:<36} "
+              f"{result}")
     if JIT_DISABLED:
         print("  (NUMBA_DISABLE_JIT=1: these figures describe the pure-Python fallback)")
 
@@ -1132,9 +1188,8 @@ def write_receipt(path, env, args, cfg, target_rows, failures, seconds):
     receipt = {
         "environment": env, "args": vars(args), "config": cfg.to_dict(),
         "ratio_convention": "peer_time / kvpool_time (medians); >1 means kvpool faster",
-        "cases": RESULTS,
-        "targets": [{"target": t, "measured": m, "wanted": w, "pass": ok}
-                    for t, m, w, ok in target_rows],
+        "rows": RESULTS,
+        "targets": {t["id"]: t for t in target_rows},
         "failures": failures, "total_seconds": seconds,
     }
     with open(path, "w") as f:
@@ -1156,7 +1211,7 @@ def plot(path):
         top.set_ylim(0, 1.05)
         top.set_title("serving trace (case 7), kvpool, eviction='lru'")
         top.legend()
-    rated = [r for r in RESULTS if r.get("ratio")]
+    rated = [r for r in RESULTS.values() if r.get("ratio")]
     names = [f"{r['case']}: {r['what']}" for r in rated]
     bottom.barh(range(len(rated)), [r["ratio"] for r in rated])
     bottom.set_yticks(range(len(rated)), names, fontsize=7)
@@ -1226,18 +1281,22 @@ def main(argv=None):
           flush=True)
     print(HEADER, flush=True)
     failures = []
+    completed = set()
     for number, name, case in CASES:
         if wanted and number not in wanted:
             continue
         try:
             case(cfg)
+            completed.add(number)
         except Exception as exc:                    # noqa: BLE001 - reported, exit 1
             import traceback
             traceback.print_exc()
             print(f"{number:<4} {name}: FAILED: {type(exc).__name__}: {exc}", flush=True)
             failures.append({"case": number, "error": f"{type(exc).__name__}: {exc}"})
-    target_rows = targets()
+    target_rows = targets(completed)
     print_targets(target_rows)
+    failures += [{"target": t["id"], "error": t["measured"]} for t in target_rows
+                 if t["pass"] is None]
     seconds = time.perf_counter() - start
     print(f"\ntotal {seconds:.1f} s")
     if args.json:
