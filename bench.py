@@ -13,11 +13,12 @@ A row shows the median and the [min-max] spread over the repeats, and
 
 The peers live here, beside the cases: ``RefManager`` (dict / OrderedDict of
 entries holding Python lists of block ids, a deque free list with FIFO reuse
-and a bump counter, the same checks and counters as ``KVCacheManager``) and
-``VllmFreeQueue`` (a vLLM-style doubly linked free block queue). A short
-equivalence check at start-up runs one random operation stream through both
-managers and compares every block id and counter, so a ratio always compares
-the same work.
+and a bump counter, an RLock held through each public call as kvpool holds
+its own, and ``KVCacheManager``'s size and key checks and the counters
+compared below) and ``VllmFreeQueue`` (a vLLM-style doubly linked free block
+queue). A short equivalence check at start-up runs one random operation
+stream through both managers and compares every block id and counter, so a
+ratio always compares the same work.
 
 Under NUMBA_DISABLE_JIT=1 the loop counts are divided by 10 to 50 (kvpool then runs
 as plain Python and the figures describe that fallback, not the compiled pool).
@@ -40,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numba
@@ -233,13 +235,12 @@ def info(rid, case, what, unit, value, note="", **extra):
 # -- peer: a pure-Python reference of KVCacheManager ------------------------------
 
 class RefEntry:
-    __slots__ = ("key", "size", "blocks", "pinned")
+    __slots__ = ("key", "size", "blocks")
 
     def __init__(self, key, size, blocks):
         self.key = key
         self.size = size
         self.blocks = blocks          # a Python list of block ids, in order
-        self.pinned = False
 
 
 class RefManager:
@@ -247,8 +248,18 @@ class RefManager:
 
     Block ids: the oldest freed id first (a deque, FIFO), then never-used ids
     in increasing order (a bump counter). ``eviction="lru"`` keeps an
-    OrderedDict in recency order and frees least recently used unpinned entries
-    until a request fits (all-or-nothing, never the entry being resized).
+    OrderedDict in recency order and frees least recently used entries until
+    a request fits (all-or-nothing, never the entry being resized).
+
+    Like KVCacheManager it holds an RLock through each public call, taken
+    with ``acquire`` and ``try``/``finally`` as kvpool's per-entry hot paths
+    take theirs (``in`` and ``len`` take none there either), and it makes the
+    same size checks (an integer, not a bool, positive, within capacity) and
+    key checks (a live key, a missing key), raising the same exception types.
+    It keeps the counters that ``check_peer_semantics`` compares: allocations,
+    evictions, LRU evictions, active entries, used memory, used and peak
+    blocks, hits, misses. It has no bytes, pins, listeners, batch calls,
+    statistics snapshot or audit.
     """
 
     def __init__(self, total_size, block_size=64, eviction="none"):
@@ -268,6 +279,7 @@ class RefManager:
         self.peak_used = 0
         self.hits = 0
         self.misses = 0
+        self._lock = threading.RLock()
 
     @property
     def used_blocks(self):
@@ -281,7 +293,10 @@ class RefManager:
         if type(size) is not int:
             if isinstance(size, (bool, np.bool_)):
                 raise TypeError(f"size must be an integer, got the bool {size!r}")
-            size = operator.index(size)
+            try:
+                size = operator.index(size)
+            except TypeError:
+                raise TypeError(f"size must be an integer, got {size!r}") from None
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
         if size > self.capacity:
@@ -306,7 +321,7 @@ class RefManager:
             for entry in self._cache.values():
                 if free >= need:
                     break
-                if not entry.pinned and entry is not keep:
+                if entry is not keep:
                     victims.append(entry)
                     free += len(entry.blocks)
         if free < need:
@@ -323,49 +338,68 @@ class RefManager:
         self.evictions += 1
 
     def allocate_entry(self, key, size):
-        n, size = self._blocks_for(size)
-        if key in self._cache:
-            raise KeyError(f"key {key!r} is already live")
-        if n > self.free_blocks:
-            self._make_room(n, None)
-        entry = RefEntry(key, size, self._take(n))
-        self._cache[key] = entry
-        self.allocations += 1
-        self.active_entries += 1
-        self.used_memory += size
+        self._lock.acquire()
+        try:
+            n, size = self._blocks_for(size)
+            if key in self._cache:
+                raise KeyError(f"key {key!r} is already live")
+            if n > self.free_blocks:
+                self._make_room(n, None)
+            entry = RefEntry(key, size, self._take(n))
+            self._cache[key] = entry
+            self.allocations += 1
+            self.active_entries += 1
+            self.used_memory += size
+        finally:
+            self._lock.release()
         return entry
 
     def remove_cache_entry(self, key):
-        entry = self._cache.get(key)
-        if entry is not None:
-            self._remove(entry)
+        self._lock.acquire()
+        try:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self._remove(entry)
+        finally:
+            self._lock.release()
         return entry
 
     def resize_entry(self, key, new_size):
-        n_new, new_size = self._blocks_for(new_size)
-        entry = self._cache[key]
-        n_old = len(entry.blocks)
-        if n_new > n_old:
-            if n_new - n_old > self.free_blocks:
-                self._make_room(n_new - n_old, entry)
-            entry.blocks.extend(self._take(n_new - n_old))
-        elif n_new < n_old:
-            self.free.extend(entry.blocks[n_new:])
-            del entry.blocks[n_new:]
-        self.used_memory += new_size - entry.size
-        entry.size = new_size
-        if self._lru:
-            self._cache.move_to_end(key)
+        self._lock.acquire()
+        try:
+            n_new, new_size = self._blocks_for(new_size)
+            try:
+                entry = self._cache[key]
+            except KeyError:
+                raise KeyError(f"no live entry for key {key!r}") from None
+            n_old = len(entry.blocks)
+            if n_new > n_old:
+                if n_new - n_old > self.free_blocks:
+                    self._make_room(n_new - n_old, entry)
+                entry.blocks.extend(self._take(n_new - n_old))
+            elif n_new < n_old:
+                self.free.extend(entry.blocks[n_new:])
+                del entry.blocks[n_new:]
+            self.used_memory += new_size - entry.size
+            entry.size = new_size
+            if self._lru:
+                self._cache.move_to_end(key)
+        finally:
+            self._lock.release()
         return entry
 
     def get(self, key, default=None):
-        entry = self._cache.get(key)
-        if entry is None:
-            self.misses += 1
-            return default
-        self.hits += 1
-        if self._lru:
-            self._cache.move_to_end(key)
+        self._lock.acquire()
+        try:
+            entry = self._cache.get(key)
+            if entry is None:
+                self.misses += 1
+                return default
+            self.hits += 1
+            if self._lru:
+                self._cache.move_to_end(key)
+        finally:
+            self._lock.release()
         return entry
 
     def __contains__(self, key):
