@@ -15,9 +15,11 @@ The peers live here, beside the cases: ``RefManager`` (dict / OrderedDict of
 entries holding Python lists of block ids, a deque free list with FIFO reuse
 and a bump counter, an RLock held through each public call as kvpool holds
 its own, and ``KVCacheManager``'s size and key checks and the counters
-compared below) and ``VllmFreeQueue`` (a vLLM-style doubly linked free block
-queue). A short equivalence check at start-up runs one random operation
-stream through both managers and compares every block id and counter, so a
+compared below), ``VllmFreeQueue`` (a vLLM-style doubly linked free block
+queue) and, for the block batches, a plain ``collections.deque`` (the
+like-for-like FIFO). A short equivalence check at start-up runs one random
+operation stream through both managers and compares every block id and
+counter, and case 3 checks that its three queues hand out the same ids, so a
 ratio always compares the same work.
 
 Under NUMBA_DISABLE_JIT=1 the loop counts are divided by 10 to 50 (kvpool then runs
@@ -609,26 +611,61 @@ def case_batch(cfg):
 
 # -- case 3: block-level batches on the pool ----------------------------------------
 
+# Each takes n free blocks from the front and puts them back at the tail,
+# ``rounds`` times, and returns the ids taken last.
+
 def pool_batches(pool, out, rounds):
     for _ in range(rounds):
         if pool.allocate_n(out) != out.shape[0] or pool.release_n(out) != OK:
             raise RuntimeError("allocate_n/release_n failed")
+    return out.tolist()
 
 
 def vllm_batches(queue, n, rounds):
     for _ in range(rounds):
-        queue.append_n(queue.popleft_n(n))
+        taken = queue.popleft_n(n)
+        queue.append_n(taken)
+    return [b.block_id for b in taken]
+
+
+def deque_batches(free, n, rounds):
+    popleft = free.popleft
+    for _ in range(rounds):
+        taken = [popleft() for _ in range(n)]
+        free.extend(taken)
+    return taken
+
+
+def cycled_pool(blocks):
+    """A pool whose ring holds every id, oldest 0: the state the peers start in."""
+    pool = MemoryPool(blocks * 64, 64)
+    ids = np.empty(blocks, np.int64)
+    pool.allocate_n(ids)
+    pool.release_n(ids)
+    return pool
 
 
 def case_block_batch(cfg):
+    """All three start with the free ids 0 .. 2n-1 in order; before timing,
+    three batches through each must take the same ids in the same order."""
     n, rounds = cfg.block_batch, cfg.block_rounds
     out = np.empty(n, np.int64)
-    kv = timed(lambda p: pool_batches(p, out, rounds), n * rounds, cfg.repeats,
-               setup=lambda: MemoryPool(2 * n * 64, 64))
-    peer = timed(lambda q: vllm_batches(q, n, rounds), n * rounds, cfg.repeats,
-                 setup=lambda: VllmFreeQueue([Block(i) for i in range(2 * n)]))
-    row("blocks-vllm", "3", f"allocate_n + release_n, {n:,} blocks", "ns/block", kv, peer,
-        "VllmFreeQueue")
+    fresh = {"kv": lambda: cycled_pool(2 * n),
+             "vllm": lambda: VllmFreeQueue([Block(i) for i in range(2 * n)]),
+             "deque": lambda: collections.deque(range(2 * n))}
+    run = {"kv": lambda p, k: pool_batches(p, out, k),
+           "vllm": lambda q, k: vllm_batches(q, n, k),
+           "deque": lambda d, k: deque_batches(d, n, k)}
+    taken = {}
+    for name in run:
+        state = fresh[name]()
+        taken[name] = [run[name](state, 1) for _ in range(3)]
+    assert taken["kv"] == taken["vllm"] == taken["deque"], "different block ids"
+    kv, vllm, deque = (timed(lambda s, f=run[name]: f(s, rounds), n * rounds, cfg.repeats,
+                             setup=fresh[name]) for name in run)
+    what = f"allocate_n + release_n, {n:,} blocks"
+    row("blocks-vllm", "3", what, "ns/block", kv, vllm, "VllmFreeQueue")
+    row("blocks-deque", "3", what, "ns/block", kv, deque, "deque popleft + extend")
 
 
 # -- case 4: the pool from compiled code ---------------------------------------------
@@ -656,15 +693,6 @@ def deque_pairs(free, n):
         free.append(b)
         total += b
     return total
-
-
-def cycled_pool(blocks):
-    """A pool whose ring holds every id, oldest 0: the state the deque starts in."""
-    pool = MemoryPool(blocks * 64, 64)
-    ids = np.empty(blocks, np.int64)
-    pool.allocate_n(ids)
-    pool.release_n(ids)
-    return pool
 
 
 def case_compiled(cfg):
