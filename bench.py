@@ -4,6 +4,7 @@
     python bench.py --quick          small sizes and repeats (CI)
     python bench.py --json PATH      also write a receipt (environment, args, figures)
     python bench.py --plot PATH      serving-trace utilization and the ratios, as a PNG
+    python bench.py --diagnostics    also the rows that explain others (off by default)
 
 Every timed case runs a warm-up (excluded; it also compiles), then R repeats,
 each on a fresh state built outside the timer, with the garbage collector off.
@@ -66,8 +67,9 @@ SERIES = {}           # serving-trace utilization / fragmentation per step, for 
 class Config:
     """Sizes and repeats of one run (the receipt records them)."""
 
-    def __init__(self, quick):
+    def __init__(self, quick, diagnostics=False):
         self.quick = quick
+        self.diagnostics = diagnostics            # also the explaining rows
         self.repeats = 3 if quick else 7          # timed repeats per case
         self.sub_repeats = 1 if quick else 3      # fresh subprocesses per figure (case 8)
         self.io_repeats = 1 if quick else 3       # save/load repeats (case 11)
@@ -582,6 +584,15 @@ def case_batch(cfg):
         ref, "RefManager loop")
     row("batch-vs-single", "2", f"batch of {n:,} x 1 block, vs single calls", "ns/entry",
         batch, single, "kvpool single calls")
+    if cfg.diagnostics:
+        batch_diagnostics(cfg, keys, sizes)
+
+
+def batch_diagnostics(cfg, keys, sizes):
+    """Where a batch's time goes (--diagnostics): the batches beside many live
+    entries, and each half alone against its single calls."""
+    bs, n, rounds = 64, cfg.batch_entries, cfg.batch_rounds
+    ops = n * rounds
     live = 100 * n              # the same batches beside many live entries
     def crowded():
         m = KVCacheManager((live + 2 * n) * bs, bs)
@@ -590,7 +601,7 @@ def case_batch(cfg):
     batch = timed(lambda m: batch_kvpool(m, keys, sizes, rounds), ops, cfg.repeats, crowded)
     single = timed(lambda m: singles_loop(m, keys, sizes, rounds), ops, cfg.repeats, crowded)
     row("batch-crowded", "2", f"same, beside {live:,} live entries", "ns/entry", batch, single,
-        "kvpool single calls", note="informational")
+        "kvpool single calls", note="diagnostic")
     # Each half alone: ``rounds`` batches of distinct keys, into or out of one manager.
     groups = [list(range(r * n, (r + 1) * n)) for r in range(rounds)]
     empty = lambda: KVCacheManager(rounds * n * bs, bs)
@@ -605,8 +616,7 @@ def case_batch(cfg):
              remove_groups, remove_singly)):
         kv = timed(lambda m: batched(m, groups, sizes), ops, cfg.repeats, setup)
         single = timed(lambda m: singly(m, groups, sizes), ops, cfg.repeats, setup)
-        row(rid, "2", what, "ns/entry", kv, single, "kvpool single calls",
-            note="informational")
+        row(rid, "2", what, "ns/entry", kv, single, "kvpool single calls", note="diagnostic")
 
 
 # -- case 3: block-level batches on the pool ----------------------------------------
@@ -1050,7 +1060,7 @@ def case_memory(cfg):
               f"{r['meta_bytes'] / 2**20:,.0f} MiB")
 
 
-# -- case 10: the lock --------------------------------------------------------------
+# -- case 10: the lock (--diagnostics: it reaches into the manager's internals) -------
 
 def peek_loop(m, key, n):
     peek = m.peek
@@ -1076,15 +1086,20 @@ def empty_loop(n):
 
 
 def case_lock(cfg):
+    """What the lock costs a call, against the manager's private dict and lock;
+    runs only with --diagnostics."""
     n = cfg.pairs // 4
     m = KVCacheManager(1 << 16, 64)
     m.allocate_entry("k", 100)
+    if not isinstance(getattr(m, "_cache", None), dict) or not hasattr(m, "_lock"):
+        print("10   (skipped: KVCacheManager has no _cache dict and _lock any more)")
+        return
     peek = timed(lambda _: peek_loop(m, "k", n), n, cfg.repeats)
     bare = timed(lambda _: unlocked_loop(m, "k", n), n, cfg.repeats)
     row("lock-peek", "10", "m.peek(key) vs m._cache.get(key)", "ns/op", peek, bare,
         "unlocked dict get")
-    info("lock-peek-overhead", "10", "peek minus unlocked get", "ns/op", peek.median - bare.median,
-         note="lock + method call + try")
+    info("lock-peek-overhead", "10", "peek minus unlocked get", "ns/op",
+         peek.median - bare.median, note="lock + method call + try")
     lock = m._lock
     locked = timed(lambda _: with_lock_loop(lock, n), n, cfg.repeats)
     empty = timed(lambda _: empty_loop(n), n, cfg.repeats)
@@ -1303,6 +1318,7 @@ CASES = [
     ("10", "lock cost", case_lock),
     ("11", "save / load", case_save_load),
 ]
+DIAGNOSTIC_CASES = {"10"}       # run only with --diagnostics
 
 
 def main(argv=None):
@@ -1311,6 +1327,9 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="write a JSON receipt")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG (needs matplotlib)")
     parser.add_argument("--cases", metavar="LIST", help="comma-separated case numbers")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="also the rows that explain others (case 2's halves, case 8's "
+                             "steps, case 10's lock, which reaches into private internals)")
     args = parser.parse_args(argv)
     if args.plot:
         try:
@@ -1318,7 +1337,7 @@ def main(argv=None):
         except ImportError:
             print(PLOT_HINT)
             return 0
-    cfg = Config(args.quick)
+    cfg = Config(args.quick, args.diagnostics)
     wanted = set(args.cases.split(",")) if args.cases else None
     start = time.perf_counter()
     env = environment()
@@ -1346,6 +1365,10 @@ def main(argv=None):
     completed = set()
     for number, name, case in CASES:
         if wanted and number not in wanted:
+            continue
+        if number in DIAGNOSTIC_CASES and not args.diagnostics:
+            if wanted:
+                print(f"{number:<4} {name}: runs only with --diagnostics", flush=True)
             continue
         try:
             case(cfg)
