@@ -71,7 +71,8 @@ class Config:
         self.quick = quick
         self.diagnostics = diagnostics            # also the explaining rows
         self.repeats = 3 if quick else 7          # timed repeats per case
-        self.sub_repeats = 1 if quick else 3      # fresh subprocesses per figure (case 8)
+        self.sub_repeats = 1 if quick else 3      # cold starts, first MemoryPools (case 8)
+        self.warm_repeats = 3                     # warm starts (case 8)
         self.io_repeats = 1 if quick else 3       # save/load repeats (case 11)
         q = quick
         self.roundtrips = {1: 2000 if q else 20000, 16: 1000 if q else 10000,
@@ -191,7 +192,7 @@ def cell(sample, unit, nbytes=None):
     return f"{fmt(med, unit)} [{fmt(lo, unit)}-{fmt(hi, unit)}]"
 
 
-HEADER = (f"{'case':<4} {'id':<24} {'what':<44} {'unit':<9} {'kvpool: median [min-max]':>28}"
+HEADER = (f"{'case':<4} {'id':<25} {'what':<44} {'unit':<9} {'kvpool: median [min-max]':>28}"
           f"  {'peer: median [min-max]':>28}  {'ratio':>6}  peer")
 
 
@@ -213,7 +214,7 @@ def slug(text):
 def row(rid, case, what, unit, kv, peer=None, peer_name="", nbytes=None, note="", **extra):
     """Print one finished row (flushed) and keep it for the receipt."""
     ratio = peer.median / kv.median if (kv is not None and peer is not None) else None
-    line = (f"{case:<4} {rid:<24} {what:<44} {unit:<9} {cell(kv, unit, nbytes):>28}"
+    line = (f"{case:<4} {rid:<25} {what:<44} {unit:<9} {cell(kv, unit, nbytes):>28}"
             f"  {cell(peer, unit, nbytes):>28}  {('%.2f' % ratio) if ratio else '-':>6}"
             f"  {peer_name}")
     if note:
@@ -229,7 +230,7 @@ def row(rid, case, what, unit, kv, peer=None, peer_name="", nbytes=None, note=""
 
 def info(rid, case, what, unit, value, note="", **extra):
     """A figure without a peer or a spread (counts, rates, bytes)."""
-    line = f"{case:<4} {rid:<24} {what:<44} {unit:<9} {fmt(value, unit):>28}"
+    line = f"{case:<4} {rid:<25} {what:<44} {unit:<9} {fmt(value, unit):>28}"
     if note:
         line += f"  {'':>28}  {'':>6}  ({note})"
     keep(rid, case, what, unit, value=value, note=note, **extra)
@@ -972,61 +973,93 @@ def case_serving(cfg):
          note=f"{out['readmitted']:,} re-admissions, {out['skipped']} PoolExhaustedError skipped")
 
 
-# -- case 8: first use, in fresh processes ---------------------------------------------
+# -- case 8: start-up, in fresh processes ----------------------------------------------
 
-FIRST_USE = r"""
-import json, time
-t = {}
+START = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numba
+t1 = time.perf_counter()
+t = {"import numba": t1 - t0}
 def clock(name, fn):
     t0 = time.perf_counter()
     out = fn()
     t[name] = time.perf_counter() - t0
     return out
 kvpool = clock("import kvpool", lambda: __import__("kvpool"))
-clock("first MemoryPool(1 MiB, 64)", lambda: kvpool.MemoryPool(1 << 20, 64))
-m = clock("first KVCacheManager(1 MiB, 64)", lambda: kvpool.KVCacheManager(1 << 20, 64))
-clock("first allocate_entry", lambda: m.allocate_entry("a", 1000))
-clock("first resize_entry", lambda: m.resize_entry("a", 2000))
-clock("first write", lambda: m.write("a", b"x" * 2000))
-clock("first read", lambda: m.read("a"))
-clock("first remove_cache_entry (16 blocks)", lambda: m.remove_cache_entry("a"))
-m.allocate_entry("b", 10)
-clock("first remove_cache_entry (1 block)", lambda: m.remove_cache_entry("b"))
-clock("first allocate_entries", lambda: m.allocate_entries(["c", "d"], [100, 200]))
-clock("first remove_cache_entries", lambda: m.remove_cache_entries(["c", "d"]))
+if sys.argv[1] == "pool":
+    clock("MemoryPool(1 MiB, 64)", lambda: kvpool.MemoryPool(1 << 20, 64))
+else:
+    data = bytes(range(200)) * 3                 # 600 bytes: 3 blocks of 256
+    m = clock("KVCacheManager", lambda: kvpool.KVCacheManager(1 << 16, 256))
+    clock("allocate_entry", lambda: m.allocate_entry("a", 200))
+    clock("resize_entry", lambda: m.resize_entry("a", 600))         # 1 block -> 3
+    clock("write", lambda: m.write("a", data))
+    got = clock("read", lambda: m.read("a"))
+    clock("remove_cache_entry", lambda: m.remove_cache_entry("a"))
+    clock("allocate_entries", lambda: m.allocate_entries(["b", "c"], [100, 300]))
+    clock("remove_cache_entries", lambda: m.remove_cache_entries(["b", "c"]))
+    assert got.tobytes() == data and len(m) == 0, "the first calls gave wrong results"
+t["after import numba"] = time.perf_counter() - t1
 print(json.dumps(t))
 """
 
-IMPORTS = r"""
-import json, time
-t0 = time.perf_counter()
-import numba
-t1 = time.perf_counter()
-import kvpool
-t2 = time.perf_counter()
-print(json.dumps({"import numba": t1 - t0, "import kvpool after numba": t2 - t1}))
-"""
 
-
-def in_fresh_process(code):
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
-                         text=True, check=True)
+def in_fresh_process(code, *args, cache_dir=None):
+    """Run ``code`` in a fresh interpreter beside kvpool.py (with ``cache_dir``
+    as NUMBA_CACHE_DIR if given); its last line of output, parsed as JSON."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir) if cache_dir else None
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=HERE, env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"a fresh process failed ({out.returncode}): "
+                           f"{out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def case_first_use(cfg):
-    in_fresh_process(IMPORTS)                            # warm-up: the file cache
-    imports = [in_fresh_process(IMPORTS) for _ in range(cfg.sub_repeats)]
-    runs = [in_fresh_process(FIRST_USE) for _ in range(cfg.sub_repeats)]
-    seconds = lambda rs, name: Sample([r[name] * 1e9 for r in rs])
-    row("import-numba", "8", "import numba (fresh process)", "s", seconds(imports, "import numba"))
+def files_below(path):
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def case_start_up(cfg):
+    """``import kvpool``, ``KVCacheManager(1 << 16, 256)`` and the first call
+    of each common method, timed from after ``import numba`` in fresh
+    processes, each given a temporary NUMBA_CACHE_DIR (never the user's).
+    Cold: an empty cache directory, which the run fills. Warm: a directory
+    an earlier cold run filled. Then MemoryPool's first construction alone,
+    the cache filled. The per-step times go to the receipt (printed with
+    --diagnostics)."""
+    with tempfile.TemporaryDirectory(prefix="kvpool-bench-") as tmp:
+        cold = []
+        for i in range(cfg.sub_repeats):
+            cache = os.path.join(tmp, f"cache{i}")
+            os.mkdir(cache)
+            cold.append(in_fresh_process(START, "manager", cache_dir=cache))
+        cached = files_below(cache)
+        warm = [in_fresh_process(START, "manager", cache_dir=cache)
+                for _ in range(cfg.warm_repeats)]
+        pool = [in_fresh_process(START, "pool", cache_dir=cache)
+                for _ in range(cfg.sub_repeats)]
+    seconds = lambda runs, name: Sample([r[name] * 1e9 for r in runs])
+    steps = lambda runs: {name: statistics.median(r[name] for r in runs)
+                          for name in runs[0] if name != "import numba"}
+    row("import-numba", "8", "import numba (fresh process)", "s", seconds(warm, "import numba"))
     row("import-kvpool", "8", "import kvpool minus import numba", "s",
-        seconds(imports, "import kvpool after numba"), note="kvpool imported after numba")
-    for name in runs[0]:
-        what = name + (" (fresh process)" if name == "import kvpool" else "")
-        row("first-" + slug(name), "8", what, "s", seconds(runs, name))
-    row("first-use-total", "8", "all first calls (construction + methods)", "s",
-        Sample([sum(v for k, v in r.items() if k != "import kvpool") * 1e9 for r in runs]))
+        seconds(warm, "import kvpool"), note="warm cache")
+    row("cold-start", "8", "cold start: import + manager + first calls", "s",
+        seconds(cold, "after import numba"), steps_s=steps(cold),
+        note="after import numba, empty cache directory")
+    row("warm-start", "8", "warm start: the same, cache filled", "s",
+        seconds(warm, "after import numba"), steps_s=steps(warm),
+        note=f"after import numba; the cold run left {cached} files in the cache")
+    row("jitclass-first", "8", "first MemoryPool(1 MiB, 64) alone", "s",
+        seconds(pool, "MemoryPool(1 MiB, 64)"), note="fresh process, cache filled")
+    if cfg.diagnostics:
+        for tag, runs in (("cold", cold), ("warm", warm)):
+            for name in steps(runs):
+                if name != "after import numba":
+                    row(f"{tag}-{slug(name)}", "8", f"{tag} start: {name}", "s",
+                        seconds(runs, name), note="diagnostic")
 
 
 # -- case 9: memory ------------------------------------------------------------------
@@ -1184,6 +1217,10 @@ TARGETS = [
      "<= 1,000 ns/op", lru_overhead_test),
     ("import-kvpool", "import kvpool minus import numba", "8", ["import-kvpool"],
      "<= 0.150 s", seconds_at_most(0.15)),
+    ("warm-start", "warm start, from after import numba", "8", ["warm-start"],
+     "<= 1.000 s", seconds_at_most(1.0)),
+    ("cold-start", "cold start, from after import numba", "8", ["cold-start"],
+     "<= 7.900 s (no slower than before)", seconds_at_most(7.9)),
 ]
 
 
@@ -1313,7 +1350,7 @@ CASES = [
     ("5", "entry data write + read", case_data),
     ("6", "LRU churn", case_lru),
     ("7", "serving trace", case_serving),
-    ("8", "first use", case_first_use),
+    ("8", "start-up", case_start_up),
     ("9", "memory", case_memory),
     ("10", "lock cost", case_lock),
     ("11", "save / load", case_save_load),
