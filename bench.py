@@ -762,9 +762,11 @@ def case_data(cfg):
                 assert np.array_equal(m.read("e"), data)
                 region = np.zeros(2 * size, np.uint8)[:size]
                 peer = timed(lambda _: copyto_twice(region, data, n), n, cfg.repeats)
-                label = f"{size >> 10} KiB" if size < (1 << 20) else f"{size >> 20} MiB"
+                kib = size < (1 << 20)
+                label = f"{size >> 10} KiB" if kib else f"{size >> 20} MiB"
                 layout = "scattered" if scattered else "adjacent"
-                rid = f"data-{label.replace(' ', '').lower()}-bs{bs}-{layout}"
+                rid = f"data-{size >> 10}k" if kib else f"data-{size >> 20}m"
+                rid += f"-bs{bs}-{layout}"
                 row(rid, "5", f"write + read {label}, bs {bs}, {layout}", "MB/s", kv, peer,
                     "np.copyto x2", nbytes=2 * size, size=size, block_size=bs,
                     layout=layout, note="" if bs == 1024 else "informational")
@@ -1194,7 +1196,7 @@ def seconds_at_most(limit):
 
 
 DATA_TARGET_ROWS = [f"data-{size}-bs1024-{layout}" for layout in ("adjacent", "scattered")
-                    for size in ("64kib", "1mib")]
+                    for size in ("64k", "1m")]
 
 # The stated targets: (id, label, case, the ids of the rows it reads, wanted,
 # test(rows) -> (measured text, passed)). Rows are found by id only.
