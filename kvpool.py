@@ -1847,27 +1847,33 @@ def _compiled(kernel, args):
 
 
 @njit(cache=True)
-def _mark_rows(lens, rowinfo, rows, gens, info):
-    """Check a batch of rows (live, generations as in ``gens`` when given, no
-    repeats) and mark them (``R_MARK`` = 1). On failure nothing stays marked
-    and ``info[0]`` is the bad index."""
+def _check_rows(lens, rowinfo, rows, gens, info):
+    """Check a batch of rows: each live and, when ``gens`` is given (a
+    ``SeqRows``, whose rows are distinct by construction), of that
+    generation; else no row twice (found by marking, then unmarked). On
+    failure ``info[0]`` is the bad index. Leaves nothing marked."""
     n = rows.shape[0]
     check_gen = gens.shape[0] == n
+    status = OK
+    done = n
     for i in range(n):
         r = rows[i]
-        status = OK
         if r < 0 or r >= lens.shape[0] or lens[r] < 0 or (
                 check_gen and rowinfo[r, R_GEN] != gens[i]):
             status = _S_BAD_ROW
-        elif rowinfo[r, R_MARK] != 0:
-            status = _S_DUPLICATE
+        elif not check_gen:
+            if rowinfo[r, R_MARK] != 0:
+                status = _S_DUPLICATE
+            else:
+                rowinfo[r, R_MARK] = 1
         if status != OK:
-            for k in range(i):
-                rowinfo[rows[k], R_MARK] = 0
             info[0] = i
-            return status
-        rowinfo[r, R_MARK] = 1
-    return OK
+            done = i
+            break
+    if not check_gen:
+        for k in range(done):
+            rowinfo[rows[k], R_MARK] = 0
+    return status
 
 
 @njit(cache=True)
@@ -1902,7 +1908,7 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, bt, rows,
     free the newest sequences (``pre``: row, length pairs; ``info[2]``: how
     many) until the rest fit; a preempted row's slot is -1."""
     n = rows.shape[0]
-    status = _mark_rows(lens, rowinfo, rows, gens, info)
+    status = _check_rows(lens, rowinfo, rows, gens, info)
     if status != OK:
         return status
     need = 0
@@ -1917,13 +1923,14 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, bt, rows,
                 status = _S_GROW
                 info[0] = L // bt + 1
         if status != OK:
-            _unmark(rowinfo, rows)
             return status
     free = _free_count(state, meta)
     npre = 0
+    if need > free and preempt != 0:
+        for i in range(n):                 # batch members: R_MARK 1
+            rowinfo[rows[i], R_MARK] = 1
     while need > free:
         if preempt == 0:
-            _unmark(rowinfo, rows)
             info[0] = need
             info[1] = free
             return _S_NO_SPACE
@@ -1950,7 +1957,7 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, bt, rows,
     j = 0
     for i in range(n):
         r = rows[i]
-        if rowinfo[r, R_MARK] == 2:
+        if npre > 0 and rowinfo[r, R_MARK] == 2:
             out[i] = NO_BLOCK
             continue
         L = lens[r]
@@ -1967,7 +1974,8 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, bt, rows,
         tok[s] = tokens[i]
         lens[r] = L + 1
         out[i] = s
-    _unmark(rowinfo, rows)
+    if npre > 0:
+        _unmark(rowinfo, rows)
     return OK
 
 
@@ -2014,10 +2022,9 @@ def _paged_extend(tables, lens, fill, tok, rowinfo, state, meta, bt, row,
 @njit(cache=True)
 def _paged_remove(tables, lens, fill, rowinfo, state, meta, bt, rows, info):
     """Free whole rows, in order; ``OK`` or a status, freeing nothing."""
-    status = _mark_rows(lens, rowinfo, rows, rows[:0], info)
+    status = _check_rows(lens, rowinfo, rows, rows[:0], info)
     if status != OK:
         return status
-    _unmark(rowinfo, rows)
     for i in range(rows.shape[0]):
         _release_row(tables, lens, fill, rowinfo, state, meta, bt, rows[i])
     return OK
@@ -2043,19 +2050,25 @@ def _paged_swap(tables, lens, rowinfo, pairs):
 
 
 @njit(cache=True)
-def _paged_table(tables, lens, rowinfo, bt, rows, gens, copy, info):
-    """(status, width, table, lens): the widest row's block count and, with
-    ``copy``, the rows' tables padded with -1 and their lengths."""
-    n = rows.shape[0]
-    status = _mark_rows(lens, rowinfo, rows, gens, info)
+def _paged_width(lens, rowinfo, bt, rows, gens, info):
+    """The most blocks any of the rows holds, or a (negative) status."""
+    status = _check_rows(lens, rowinfo, rows, gens, info)
     if status != OK:
-        return status, 0, np.empty((0, 0), np.int32), np.empty(0, np.int32)
-    _unmark(rowinfo, rows)
+        return status
     width = 0
-    for i in range(n):
+    for i in range(rows.shape[0]):
         width = max(width, (lens[rows[i]] + bt - 1) // bt)
-    if copy == 0:
-        return OK, width, np.empty((0, 0), np.int32), np.empty(0, np.int32)
+    return width
+
+
+@njit(cache=True)
+def _paged_table(tables, lens, rowinfo, bt, rows, info):
+    """(status, table, lens): copies of the rows' tables, padded with -1,
+    and their lengths."""
+    n = rows.shape[0]
+    width = _paged_width(lens, rowinfo, bt, rows, rows[:0], info)
+    if width < 0:
+        return width, np.empty((0, 0), np.int32), np.empty(0, np.int32)
     table = np.full((n, width), NO_BLOCK, np.int32)
     out = np.empty(n, np.int32)
     for i in range(n):
@@ -2063,7 +2076,7 @@ def _paged_table(tables, lens, rowinfo, bt, rows, gens, copy, info):
         out[i] = lens[r]
         for j in range((lens[r] + bt - 1) // bt):
             table[i, j] = tables[r, j]
-    return OK, width, table, out
+    return OK, table, out
 
 
 @njit(cache=True)
@@ -2092,10 +2105,9 @@ def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, rows,
     """(status, k, v, lens): the rows' K and V of ``layer`` as
     ``[B, longest, e]`` copies, zero-padded, and their lengths."""
     n = rows.shape[0]
-    status = _mark_rows(lens, rowinfo, rows, gens, info)
+    status = _check_rows(lens, rowinfo, rows, gens, info)
     width = 0
     if status == OK:
-        _unmark(rowinfo, rows)
         for i in range(n):
             width = max(width, lens[rows[i]])
     else:
@@ -2123,10 +2135,9 @@ def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
     n = rows.shape[0]
     T, qh, hd = q.shape[0], q.shape[1], q.shape[2]
     out = np.zeros((T, qh, hd), np.float32)
-    status = _mark_rows(lens, rowinfo, rows, gens, info)
+    status = _check_rows(lens, rowinfo, rows, gens, info)
     if status != OK:
         return status, out
-    _unmark(rowinfo, rows)
     total = 0
     longest = 1
     most = 1
@@ -2714,17 +2725,18 @@ class PagedKVCache:
         ``[B]`` token counts). For a ``SeqRows`` both are views of the
         persistent table, updated in place until it grows; else copies."""
         rows, gens, ids = self._rows(seqs)
-        view = type(seqs) is SeqRows
-        fn = self._fn.get("table")
-        args = (self._tables, self._lens, self._rowinfo, self.block_tokens,
-                rows, gens, int(not view), self._info)
-        status, width, table, lens = fn(*args) if fn is not None else self._kernel(
-            "table", _paged_table, args)
-        if status != OK:
-            self._raise(status, ids)
-        if view:
+        if type(seqs) is SeqRows:
+            fn = self._fn.get("width")
+            args = (self._lens, self._rowinfo, self.block_tokens, rows, gens, self._info)
+            width = fn(*args) if fn is not None else self._kernel("width", _paged_width, args)
+            if width < 0:
+                self._raise(width, ids)
             n = rows.shape[0]
             return self._tables[:n, :width], self._lens[:n]
+        status, table, lens = self._kernel("table", _paged_table, (
+            self._tables, self._lens, self._rowinfo, self.block_tokens, rows, self._info))
+        if status != OK:
+            self._raise(status, ids)
         return table, lens
 
     def attention(self, layer, q, seqs, q_lens=None, scale=None):
