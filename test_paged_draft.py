@@ -174,7 +174,6 @@ class PagedMachine(RuleBasedStateMachine):
             length = m.release(newest)
             gone.add(newest)
             m.preemptions += 1
-            assert self.reports[before + len(gone) - 1:] == [] or True
             need = sum(m.need(len(m.seqs[s][0]), 1) for s in seqs if s not in gone)
         expect = [-1 if s in gone else m.extend(s, [t])[0] for s, t in zip(seqs, tokens)]
         assert self.c.append(arg, tokens).tolist() == expect
@@ -340,7 +339,8 @@ def test_preempted_rows_handle_goes_stale():
     c.add("a", [1])
     c.add("b", [1])
     h = c.rows(["a", "b"])
-    assert c.append(h, [1, 1]).tolist()[1] == -1 or True
+    slots = c.append(h, [1, 1])             # a needs a block: b (newest) goes
+    assert slots[0] >= 0 and slots[1] == -1
     with pytest.raises(KeyError, match="rows"):
         c.append(h, [1, 1])
     c.check_invariants()
