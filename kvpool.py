@@ -52,6 +52,7 @@ __all__ = [
     "EvictionReport", "PoolExhaustedError",
     "NO_BLOCK", "OK", "ERR_RANGE", "ERR_NOT_ALLOCATED", "ERR_IN_ENTRY",
     "ERR_DUPLICATE", "ERR_NO_SPACE", "ERR_BAD_CHAIN",
+    "PagedKVCache", "PagedStats", "SeqRows", "SequenceReport",
 ]
 __version__ = "0.1.0"
 
@@ -66,8 +67,11 @@ import threading
 import time
 import types
 
+import numba
 import numpy as np
 from numba import boolean, int64, njit, uint8
+from numba.core import types as nb_types
+from numba.extending import overload
 from numba.experimental import jitclass
 
 # -- constants ---------------------------------------------------------------
@@ -1946,6 +1950,1081 @@ class KVCacheManager:
             _audit(self)
 
 
+# -- the paged cache -----------------------------------------------------------
+
+# -- pool kernels (stand-ins, replaced by the pool section's at merge) --
+# A pool is three arrays: arena (uint8, n_blocks * block_size bytes), state
+# (uint8, one per block) and meta (int64, 2n + 8: meta[:n] the FIFO ring,
+# meta[n:2n] the chain links, meta[2n:] the counters below).
+C_HEAD, C_COUNT, C_BUMP, C_PEAK, C_BLOCK_SIZE = range(5)
+
+
+def _pool_arrays(n_blocks, block_size, arena=None):
+    """(arena, state, meta) of a new pool; a given arena is used without a copy."""
+    if arena is None:
+        arena = np.zeros(n_blocks * block_size, np.uint8)
+    state = np.zeros(n_blocks, np.uint8)
+    meta = np.zeros(2 * n_blocks + 8, np.int64)
+    meta[n_blocks:2 * n_blocks] = NO_BLOCK
+    meta[2 * n_blocks + C_BLOCK_SIZE] = block_size
+    return arena, state, meta
+
+
+@njit(cache=True)
+def _free_count(state, meta):
+    n = state.shape[0]
+    return meta[2 * n + C_COUNT] + n - meta[2 * n + C_BUMP]
+
+
+@njit(cache=True)
+def _take(state, meta, out, mark):
+    """The next len(out) ids in pool order into out, marked ``mark``."""
+    n = state.shape[0]
+    c = 2 * n
+    head, count, bump = meta[c + C_HEAD], meta[c + C_COUNT], meta[c + C_BUMP]
+    for i in range(out.shape[0]):
+        if count > 0:
+            b = meta[head]
+            head = head + 1 if head + 1 < n else 0
+            count -= 1
+        else:
+            b = bump
+            bump += 1
+        out[i] = b
+        state[b] = mark
+    meta[c + C_HEAD], meta[c + C_COUNT], meta[c + C_BUMP] = head, count, bump
+    if bump - count > meta[c + C_PEAK]:
+        meta[c + C_PEAK] = bump - count
+
+
+@njit(cache=True)
+def _put(state, meta, ids):
+    """Append ids to the ring tail in order, marked FREE."""
+    n = state.shape[0]
+    c = 2 * n
+    head, count = meta[c + C_HEAD], meta[c + C_COUNT]
+    for i in range(ids.shape[0]):
+        t = head + count
+        meta[t - n if t >= n else t] = ids[i]
+        state[ids[i]] = FREE
+        count += 1
+    meta[c + C_COUNT] = count
+# -- end of the pool kernel stand-ins --
+
+PREEMPT_POLICIES = ("none", "newest")
+R_GEN, R_ADDED, R_MARK = 0, 1, 2     # columns of the per-row int64 array
+
+# Status codes of the paged kernels (info[0] etc. carry the details).
+_S_BAD_ROW = -20      # info[0]: index of a row that is not live (stale handle)
+_S_DUPLICATE = -21    # info[0]: index of a repeated sequence
+_S_BAD_TOKEN = -22    # info[0]: index of a negative token id
+_S_NO_SPACE = -23     # info[0]: blocks needed, info[1]: free
+_S_GROW = -24         # info[0]: table columns needed; retried after growing
+_S_BAD_SLOT = -25     # info[0]: index of a slot no live token owns
+_S_BAD_QLEN = -26     # info[0]: index of a bad q_len, or -1 (sum != T, in info[1])
+
+_F16_TABLE = None     # float16 bits -> float32, built on first use
+
+
+def _f16_table():
+    global _F16_TABLE
+    if _F16_TABLE is None:
+        _F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    return _F16_TABLE
+
+
+def _f32(x, lut):
+    """One stored element as float32: float16 bits (``uint16``) through
+    ``lut``, a float32 as it is."""
+    return lut[x] if isinstance(x, (np.uint16, int)) else np.float32(x)
+
+
+@overload(_f32)
+def _f32_compiled(x, lut):
+    if isinstance(x, nb_types.Integer):
+        return lambda x, lut: lut[x]
+    return lambda x, lut: x
+
+
+def _compiled(kernel, args):
+    """``kernel``'s compiled entry point for the types of ``args`` (compiled,
+    or loaded from the cache, on the first request); under NUMBA_DISABLE_JIT
+    the plain function. The entry point skips numba's per-call type dispatch
+    (about 100 ns + 30 ns per array instead of 2-3x that), so callers must
+    pass exactly these types: C-contiguous arrays of the same dtypes, ints."""
+    if getattr(kernel, "overloads", None) is None:
+        return kernel
+    return kernel.compile(tuple(numba.typeof(a) for a in args))
+
+
+@njit(cache=True)
+def _check_rows(lens, rowinfo, rows, gens, info):
+    """Check a batch of rows: each live and, when ``gens`` is given (a
+    ``SeqRows``, whose rows are distinct by construction), of that
+    generation; else no row twice (found by marking, then unmarked). On
+    failure ``info[0]`` is the bad index. Leaves nothing marked."""
+    n = rows.shape[0]
+    check_gen = gens.shape[0] == n
+    status = OK
+    done = n
+    for i in range(n):
+        r = rows[i]
+        if r < 0 or r >= lens.shape[0] or lens[r] < 0 or (
+                check_gen and rowinfo[r, R_GEN] != gens[i]):
+            status = _S_BAD_ROW
+        elif not check_gen:
+            if rowinfo[r, R_MARK] != 0:
+                status = _S_DUPLICATE
+            else:
+                rowinfo[r, R_MARK] = 1
+        if status != OK:
+            info[0] = i
+            done = i
+            break
+    if not check_gen:
+        for k in range(done):
+            rowinfo[rows[k], R_MARK] = 0
+    return status
+
+
+@njit(cache=True)
+def _unmark(rowinfo, rows):
+    for i in range(rows.shape[0]):
+        rowinfo[rows[i], R_MARK] = 0
+
+
+@njit(cache=True)
+def _release_row(tables, lens, fill, rowinfo, state, meta, bt, r):
+    """Free row ``r``'s blocks (to the free list tail, last block first),
+    clear the row and bump its generation; the number of blocks freed."""
+    nb = (lens[r] + bt - 1) // bt
+    ids = np.empty(nb, np.int64)
+    for j in range(nb):
+        b = tables[r, nb - 1 - j]
+        ids[j] = b
+        fill[b] = 0
+    for j in range(nb):
+        tables[r, j] = NO_BLOCK
+    _put(state, meta, ids)
+    lens[r] = -1
+    rowinfo[r, R_GEN] += 1
+    return nb
+
+
+@njit(cache=True)
+def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, bt, rows,
+                  gens, tokens, preempt, out, pre, info):
+    """One token per row: reserve its slot (a new block when the last is
+    full) into ``out``. Short of blocks: ``_S_NO_SPACE``, or with ``preempt``
+    free the newest sequences (``pre``: row, length pairs; ``info[2]``: how
+    many) until the rest fit; a preempted row's slot is -1."""
+    n = rows.shape[0]
+    status = _check_rows(lens, rowinfo, rows, gens, info)
+    if status != OK:
+        return status
+    need = 0
+    for i in range(n):
+        L = lens[rows[i]]
+        if tokens[i] < 0:
+            status = _S_BAD_TOKEN
+            info[0] = i
+        elif L % bt == 0:
+            need += 1
+            if L // bt >= tables.shape[1]:
+                status = _S_GROW
+                info[0] = L // bt + 1
+        if status != OK:
+            return status
+    free = _free_count(state, meta)
+    npre = 0
+    if need > free and preempt != 0:
+        for i in range(n):                 # batch members: R_MARK 1
+            rowinfo[rows[i], R_MARK] = 1
+    while need > free:
+        if preempt == 0:
+            info[0] = need
+            info[1] = free
+            return _S_NO_SPACE
+        best = -1
+        newest = -1
+        for r in range(lens.shape[0]):
+            if lens[r] >= 0 and rowinfo[r, R_ADDED] > newest:
+                newest = rowinfo[r, R_ADDED]
+                best = r
+        if best < 0:
+            break
+        L = lens[best]
+        if rowinfo[best, R_MARK] == 1:
+            rowinfo[best, R_MARK] = 2
+            if L % bt == 0:
+                need -= 1
+        pre[2 * npre] = best
+        pre[2 * npre + 1] = L
+        npre += 1
+        free += _release_row(tables, lens, fill, rowinfo, state, meta, bt, best)
+    info[2] = npre
+    new = np.empty(need, np.int64)
+    _take(state, meta, new, HELD)
+    j = 0
+    for i in range(n):
+        r = rows[i]
+        if npre > 0 and rowinfo[r, R_MARK] == 2:
+            out[i] = NO_BLOCK
+            continue
+        L = lens[r]
+        col = L // bt
+        off = L - col * bt
+        if off == 0:
+            b = new[j]
+            j += 1
+            tables[r, col] = b
+        else:
+            b = tables[r, col]
+        fill[b] = off + 1
+        s = b * bt + off
+        tok[s] = tokens[i]
+        lens[r] = L + 1
+        out[i] = s
+    if npre > 0:
+        _unmark(rowinfo, rows)
+    return OK
+
+
+@njit(cache=True)
+def _paged_extend(tables, lens, fill, tok, rowinfo, state, meta, bt, row,
+                  tokens, stamp, out, info):
+    """Append ``tokens`` to one row, slots into ``out``; with ``stamp >= 0``
+    the row is free and becomes a new sequence added at ``stamp``."""
+    n = tokens.shape[0]
+    L = 0 if stamp >= 0 else lens[row]
+    for i in range(n):
+        if tokens[i] < 0:
+            info[0] = i
+            return _S_BAD_TOKEN
+    have = (L + bt - 1) // bt
+    total = (L + n + bt - 1) // bt
+    if total > tables.shape[1]:
+        info[0] = total
+        return _S_GROW
+    need = total - have
+    free = _free_count(state, meta)
+    if need > free:
+        info[0] = need
+        info[1] = free
+        return _S_NO_SPACE
+    new = np.empty(need, np.int64)
+    _take(state, meta, new, HELD)
+    for j in range(need):
+        tables[row, have + j] = new[j]
+    for i in range(n):
+        p = L + i
+        b = tables[row, p // bt]
+        off = p % bt
+        s = b * bt + off
+        tok[s] = tokens[i]
+        fill[b] = off + 1
+        out[i] = s
+    lens[row] = L + n
+    if stamp >= 0:
+        rowinfo[row, R_ADDED] = stamp
+    return OK
+
+
+@njit(cache=True)
+def _paged_remove(tables, lens, fill, rowinfo, state, meta, bt, rows, info):
+    """Free whole rows, in order; ``OK`` or a status, freeing nothing."""
+    status = _check_rows(lens, rowinfo, rows, rows[:0], info)
+    if status != OK:
+        return status
+    for i in range(rows.shape[0]):
+        _release_row(tables, lens, fill, rowinfo, state, meta, bt, rows[i])
+    return OK
+
+
+@njit(cache=True)
+def _paged_swap(tables, lens, rowinfo, pairs):
+    """Swap table rows pairwise, in order, bumping both generations."""
+    for k in range(pairs.shape[0]):
+        a, b = pairs[k, 0], pairs[k, 1]
+        for j in range(tables.shape[1]):
+            t = tables[a, j]
+            tables[a, j] = tables[b, j]
+            tables[b, j] = t
+        t = lens[a]
+        lens[a] = lens[b]
+        lens[b] = t
+        t = rowinfo[a, R_ADDED]
+        rowinfo[a, R_ADDED] = rowinfo[b, R_ADDED]
+        rowinfo[b, R_ADDED] = t
+        rowinfo[a, R_GEN] += 1
+        rowinfo[b, R_GEN] += 1
+
+
+@njit(cache=True)
+def _paged_width(lens, rowinfo, bt, rows, gens, info):
+    """The most blocks any of the rows holds, or a (negative) status."""
+    status = _check_rows(lens, rowinfo, rows, gens, info)
+    if status != OK:
+        return status
+    width = 0
+    for i in range(rows.shape[0]):
+        width = max(width, (lens[rows[i]] + bt - 1) // bt)
+    return width
+
+
+@njit(cache=True)
+def _paged_table(tables, lens, rowinfo, bt, rows, info):
+    """(status, table, lens): copies of the rows' tables, padded with -1,
+    and their lengths."""
+    n = rows.shape[0]
+    width = _paged_width(lens, rowinfo, bt, rows, rows[:0], info)
+    if width < 0:
+        return width, np.empty((0, 0), np.int32), np.empty(0, np.int32)
+    table = np.full((n, width), NO_BLOCK, np.int32)
+    out = np.empty(n, np.int32)
+    for i in range(n):
+        r = rows[i]
+        out[i] = lens[r]
+        for j in range((lens[r] + bt - 1) // bt):
+            table[i, j] = tables[r, j]
+    return OK, table, out
+
+
+@njit(cache=True)
+def _paged_store(kv, fill, state, bt, layers, layer, slots, k, v, info):
+    """Write rows of ``k`` and ``v`` (``[T, kv_heads * head_dim]``, the
+    cache's element type) at ``slots`` of ``layer``; checked first."""
+    nblk = state.shape[0]
+    e = k.shape[1]
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        b = s // bt
+        if s < 0 or b >= nblk or state[b] != HELD or s - b * bt >= fill[b]:
+            info[0] = i
+            return _S_BAD_SLOT
+    for i in range(slots.shape[0]):
+        b = slots[i] // bt
+        lo = (((b * layers + layer) * 2) * bt + slots[i] - b * bt) * e
+        kv[lo:lo + e] = k[i]
+        kv[lo + bt * e:lo + bt * e + e] = v[i]
+    return OK
+
+
+@njit(cache=True)
+def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, rows,
+                  gens, info):
+    """(status, k, v, lens): the rows' K and V of ``layer`` as
+    ``[B, longest, e]`` copies, zero-padded, and their lengths."""
+    n = rows.shape[0]
+    status = _check_rows(lens, rowinfo, rows, gens, info)
+    width = 0
+    if status == OK:
+        for i in range(n):
+            width = max(width, lens[rows[i]])
+    else:
+        n = 0
+    k = np.zeros((n, width, e), kv.dtype)
+    v = np.zeros((n, width, e), kv.dtype)
+    out = np.empty(n, np.int32)
+    for i in range(n):
+        r = rows[i]
+        out[i] = lens[r]
+        for t in range(lens[r]):
+            b = tables[r, t // bt]
+            lo = (((b * layers + layer) * 2) * bt + t % bt) * e
+            k[i, t] = kv[lo:lo + e]
+            v[i, t] = kv[lo + bt * e:lo + bt * e + e]
+    return status, k, v, out
+
+
+@njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
+def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
+                     q, rows, gens, qlens, scale, info):
+    """(status, out): causal attention of ``q`` (float32 ``[T, q_heads,
+    head_dim]``, ``qlens[i]`` queries per row, each row's last tokens) over
+    the rows' stored K and V; float32 throughout, softmax per query."""
+    n = rows.shape[0]
+    T, qh, hd = q.shape[0], q.shape[1], q.shape[2]
+    out = np.zeros((T, qh, hd), np.float32)
+    status = _check_rows(lens, rowinfo, rows, gens, info)
+    if status != OK:
+        return status, out
+    total = 0
+    longest = 1
+    most = 1
+    for i in range(n):
+        ql = qlens[i]
+        if ql < 0 or ql > lens[rows[i]]:
+            info[0] = i
+            return _S_BAD_QLEN, out
+        total += ql
+        if ql > 0:
+            longest = max(longest, lens[rows[i]])
+            most = max(most, ql)
+    if total != T:
+        info[0] = -1
+        info[1] = total
+        return _S_BAD_QLEN, out
+    group = qh // kvh
+    e = kvh * hd
+    sc = np.float32(scale)
+    p = np.empty((most * group, longest), np.float32)
+    zinv = np.empty(most * group, np.float32)
+    row = np.empty(hd, np.float32)
+    qs = 0
+    for i in range(n):
+        r = rows[i]
+        L = lens[r]
+        nq = qlens[i]
+        if nq == 0:
+            continue
+        first = L - nq                     # position of the first query
+        for g in range(kvh):
+            for t in range(L):             # scores: p[j * group + hh, t]
+                b = tables[r, t // bt]
+                lo = (((b * layers + layer) * 2) * bt + t % bt) * e + g * hd
+                for d in range(hd):
+                    row[d] = _f32(kv[lo + d], lut)
+                for j in range(max(t - first, 0), nq):
+                    for hh in range(group):
+                        qv = q[qs + j, g * group + hh]
+                        s = np.float32(0.0)
+                        for d in range(hd):
+                            s += qv[d] * row[d]
+                        p[j * group + hh, t] = s * sc
+            for j in range(nq):            # softmax over positions 0..first+j
+                last = first + j
+                for hh in range(group):
+                    pr = p[j * group + hh]
+                    m = pr[0]
+                    for t in range(1, last + 1):
+                        m = max(m, pr[t])
+                    z = np.float32(0.0)
+                    for t in range(last + 1):
+                        w = np.exp(pr[t] - m)
+                        pr[t] = w
+                        z += w
+                    zinv[j * group + hh] = np.float32(1.0) / z
+            for t in range(L):             # weighted values
+                b = tables[r, t // bt]
+                lo = (((b * layers + layer) * 2 + 1) * bt + t % bt) * e + g * hd
+                for d in range(hd):
+                    row[d] = _f32(kv[lo + d], lut)
+                for j in range(max(t - first, 0), nq):
+                    for hh in range(group):
+                        w = p[j * group + hh, t]
+                        o = out[qs + j, g * group + hh]
+                        for d in range(hd):
+                            o[d] += w * row[d]
+            for j in range(nq):
+                for hh in range(group):
+                    o = out[qs + j, g * group + hh]
+                    z = zinv[j * group + hh]
+                    for d in range(hd):
+                        o[d] *= z
+        qs += nq
+    return OK, out
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedStats:
+    """A snapshot of a paged cache's statistics.
+
+    num_blocks         blocks in the arena
+    block_tokens       token slots per block
+    free_blocks        blocks that can be handed out now
+    used_blocks        blocks held by sequences
+    peak_used_blocks   the most blocks in use at once
+    sequences          live sequences
+    tokens             their tokens (reserved slots)
+    preemptions        sequences freed by preempt="newest"
+    unused_slots       internal fragmentation: the free slots in the
+                       sequences' last blocks
+    fragmentation      unused_slots / (used_blocks * block_tokens), or 0.0
+    """
+    num_blocks: int
+    block_tokens: int
+    free_blocks: int
+    used_blocks: int
+    peak_used_blocks: int
+    sequences: int
+    tokens: int
+    preemptions: int
+    unused_slots: int
+    fragmentation: float
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceReport:
+    """A sequence leaving a paged cache: delivered to its listeners."""
+    seq: object
+    reason: str              # "remove" or "preempt"
+    length: int              # its tokens
+    blocks_freed: int
+    timestamp: float         # time.monotonic() at the removal
+
+
+class SeqRows:
+    """A batch of sequences placed in rows 0..B-1 of a paged cache's block
+    table, made by ``PagedKVCache.rows(seqs)``. ``append``, ``block_table``,
+    ``attention``, ``gather`` and ``blocks_needed`` take it in place of the
+    sequence ids and then do no lookups; ``block_table`` returns views.
+    A handle goes stale (``KeyError`` when used) once one of its sequences
+    is removed, preempted or moved by a later ``rows`` call."""
+
+    __slots__ = ("seqs", "_rows", "_gens", "_cache")
+
+    def __init__(self, seqs, rows, gens, cache):
+        self.seqs = seqs          # tuple of the sequence ids, in row order
+        self._rows = rows
+        self._gens = gens
+        self._cache = cache
+
+    def __len__(self):
+        return len(self.seqs)
+
+    def __repr__(self):
+        return f"SeqRows({len(self.seqs)} sequences)"
+
+
+_NO_GENS = np.empty(0, np.int64)
+
+
+class PagedKVCache:
+    """Sequences of K/V over one pool of blocks: block tables, slot ids,
+    compiled writes and attention straight from the pool.
+
+    ``PagedKVCache(num_blocks, block_tokens=16, *, layers, kv_heads,
+    head_dim, dtype=np.float16, preempt="none", buffer=None, on_evict=None)``
+
+    A block holds ``block_tokens`` tokens of every layer, K and V; ``kv`` is
+    the arena as ``[num_blocks, layers, 2, block_tokens, kv_heads,
+    head_dim]`` (a view, no copy). Token ``p`` of a sequence lives in slot
+    ``table[p // block_tokens] * block_tokens + p % block_tokens``.
+
+    Sequences: ``add``, ``append``, ``extend``, ``remove``, ``remove_many``,
+    ``len``, ``in``, ``iter``, ``length``, ``blocks_needed``.
+    K/V: ``slots``, ``store``, ``gather``, ``attention``, ``block_table``.
+    Batches without lookups: ``rows`` (a ``SeqRows`` handle).
+    Statistics and audit: ``free_blocks``, ``stats``, ``check_invariants``.
+
+    Layout: block tables are one persistent ``int32`` array ``[rows,
+    columns]`` (both doubled when full), padded with -1, plus ``int32``
+    lengths per row; a sequence gets a row when added. Every public
+    operation is one compiled call over these arrays and the pool's.
+    ``append``, ``extend`` and ``add`` are all-or-nothing; with
+    ``preempt="newest"`` a short ``append`` frees whole sequences, the most
+    recently added first, until the rest fit. A freed sequence's blocks go
+    to the free list's tail, its last block first. Not thread-safe: guard
+    it yourself if threads share it.
+    """
+
+    def __init__(self, num_blocks, block_tokens=16, *, layers, kv_heads,
+                 head_dim, dtype=np.float16, preempt="none", buffer=None,
+                 on_evict=None):
+        num_blocks = _as_int(num_blocks, "num_blocks")
+        bt = _as_int(block_tokens, "block_tokens")
+        layers = _as_int(layers, "layers")
+        kv_heads = _as_int(kv_heads, "kv_heads")
+        head_dim = _as_int(head_dim, "head_dim")
+        for name, value in (("num_blocks", num_blocks), ("block_tokens", bt),
+                            ("layers", layers), ("kv_heads", kv_heads),
+                            ("head_dim", head_dim)):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float16 or float32, got {dtype!r}") from None
+        if dt not in (np.dtype(np.float16), np.dtype(np.float32)):
+            raise TypeError(f"dtype must be float16 or float32, got {dt}")
+        if preempt not in PREEMPT_POLICIES:
+            raise ValueError(f"preempt must be one of {PREEMPT_POLICIES}, got {preempt!r}")
+        if on_evict is not None and not callable(on_evict):
+            raise TypeError(f"on_evict must be callable, got {on_evict!r}")
+        e = kv_heads * head_dim
+        block_bytes = layers * 2 * bt * e * dt.itemsize
+        if num_blocks * block_bytes >= 1 << 62:
+            raise ValueError(f"{num_blocks} blocks of {block_bytes} bytes are too many")
+        arena = None if buffer is None else _as_arena(
+            buffer, num_blocks * block_bytes)[:num_blocks * block_bytes]
+        self._arena, self._state, self._meta = _pool_arrays(num_blocks, block_bytes, arena)
+        self.num_blocks = num_blocks
+        self.block_tokens = bt
+        self.layers = layers
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.dtype = dt
+        self.preempt = preempt
+        self._preempt_flag = int(preempt == "newest")
+        self.kv = self._arena.view(dt).reshape(num_blocks, layers, 2, bt, kv_heads, head_dim)
+        f16 = dt == np.float16
+        self._bits = self._arena.view(np.uint16 if f16 else np.float32)
+        self._bits_dtype = self._bits.dtype
+        self._lut = _f16_table() if f16 else np.zeros(1, np.float32)
+        self._block_bytes = block_bytes
+        self._e = e
+        self._fill = np.zeros(num_blocks, np.int32)      # reserved slots per block
+        self._tok = np.zeros(num_blocks * bt, np.int64)   # token id per slot
+        self._tables = np.full((0, 8), NO_BLOCK, np.int32)
+        self._lens = np.full(0, -1, np.int32)             # -1: a free row
+        self._rowinfo = np.zeros((0, 3), np.int64)        # R_GEN, R_ADDED, R_MARK
+        self._pre = np.zeros(0, np.int64)
+        self._info = np.zeros(4, np.int64)
+        self._row_of = {}                                 # seq -> row
+        self._seq_of = []                                 # row -> seq or None
+        self._free_rows = set()
+        self._grow_rows()
+        self._stamp = 0                                   # add order
+        self._preemptions = 0
+        self._listeners = [] if on_evict is None else [on_evict]
+        self._fn = {}                                     # name -> entry point
+
+    # plumbing ---------------------------------------------------------------
+
+    def _kernel(self, name, kernel, args):
+        fn = self._fn.get(name)
+        if fn is None:
+            fn = self._fn[name] = _compiled(kernel, args)
+        return fn(*args)
+
+    def _grow_rows(self):
+        old = self._lens.shape[0]
+        new = max(8, 2 * old)
+        tables = np.full((new, self._tables.shape[1]), NO_BLOCK, np.int32)
+        tables[:old] = self._tables
+        lens = np.full(new, -1, np.int32)
+        lens[:old] = self._lens
+        rowinfo = np.zeros((new, 3), np.int64)
+        rowinfo[:old] = self._rowinfo
+        self._tables, self._lens, self._rowinfo = tables, lens, rowinfo
+        self._pre = np.zeros(2 * new, np.int64)
+        self._seq_of.extend([None] * (new - old))
+        self._free_rows.update(range(old, new))
+
+    def _grow_columns(self, needed):
+        rows, cols = self._tables.shape
+        tables = np.full((rows, max(needed, 2 * cols)), NO_BLOCK, np.int32)
+        tables[:, :cols] = self._tables
+        self._tables = tables
+
+    def _row(self, seq):
+        try:
+            return self._row_of[seq]
+        except KeyError:
+            raise KeyError(f"no sequence {seq!r} in the cache") from None
+        except TypeError:
+            raise TypeError(f"sequence id {seq!r} is not hashable") from None
+
+    def _rows(self, seqs):
+        """(rows, gens, ids): int64 rows of ``seqs`` (a ``SeqRows`` or
+        sequence ids), the generations to check, and the ids for messages."""
+        if type(seqs) is SeqRows:
+            if seqs._cache is not self:
+                raise ValueError("these rows belong to another cache")
+            return seqs._rows, seqs._gens, seqs.seqs
+        if isinstance(seqs, (str, bytes)) or not hasattr(seqs, "__iter__"):
+            raise TypeError(f"seqs must be a list of sequence ids or a "
+                            f"SeqRows, got {seqs!r}")
+        ids = seqs if type(seqs) is list else list(seqs)
+        try:
+            rows = np.fromiter(map(self._row_of.__getitem__, ids), np.int64, len(ids))
+        except (KeyError, TypeError):
+            for s in ids:
+                self._row(s)        # raises, naming the first unknown id
+            raise
+        return rows, _NO_GENS, ids
+
+    def _ints(self, values, name, n=None):
+        """``values`` as a C-contiguous int64 array (of length ``n``)."""
+        if not (type(values) is np.ndarray and values.dtype == np.int64
+                and values.ndim == 1 and values.flags.c_contiguous
+                and values.flags.writeable):
+            arr = np.asarray(values)
+            if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.ndim == 1):
+                bad = next((x for x in arr.reshape(-1).tolist()
+                            if isinstance(x, bool) or not isinstance(x, int)), arr.dtype)
+                raise TypeError(f"{name} must be integers, got {bad!r}")
+            if arr.ndim != 1:
+                raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+            if arr.dtype == np.uint64 and arr.size and arr.max() >= 1 << 63:
+                raise ValueError(f"{name} holds {arr.max()}, too large for int64")
+            values = np.array(arr, np.int64)
+        if n is not None and values.shape[0] != n:
+            raise ValueError(f"{name} has {values.shape[0]} values for {n} sequences")
+        return values
+
+    def _layer(self, layer):
+        layer = _as_int(layer, "layer")
+        if not 0 <= layer < self.layers:
+            raise IndexError(f"layer {layer} is out of range [0, {self.layers})")
+        return layer
+
+    def _kv_rows(self, x, name, n):
+        """``x`` ([n, kv_heads, head_dim], float) as [n, e] cache elements."""
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+        if x.shape != (n, self.kv_heads, self.head_dim):
+            raise ValueError(f"{name} has shape {x.shape}, expected "
+                             f"{(n, self.kv_heads, self.head_dim)}")
+        if x.dtype != self.dtype:
+            x = x.astype(self.dtype)          # converted, never reinterpreted
+        elif not (x.flags.c_contiguous and x.flags.writeable):
+            x = x.copy()
+        return x.view(self._bits_dtype).reshape(n, self._e)
+
+    def _raise(self, status, ids, tokens=None):
+        i = int(self._info[0])
+        if status == _S_NO_SPACE:
+            raise PoolExhaustedError(int(self._info[0]), int(self._info[1]))
+        if status == _S_BAD_ROW:
+            raise KeyError(f"sequence {ids[i]!r} was removed, preempted or moved "
+                           "since these rows were made; call rows() again")
+        if status == _S_DUPLICATE:
+            raise ValueError(f"sequence {ids[i]!r} appears twice")
+        if status == _S_BAD_TOKEN:
+            raise ValueError(f"token ids must be non-negative, got "
+                             f"{tokens[i]} at index {i}")
+        raise AssertionError(f"unexpected status {status}")
+
+    def _evicted(self, pairs, reason):
+        """Unbind the rows in ``pairs`` (row, length), already freed; reports."""
+        bt = self.block_tokens
+        reports = []
+        now = time.monotonic()
+        for r, length in pairs:
+            seq = self._seq_of[r]
+            self._seq_of[r] = None
+            del self._row_of[seq]
+            self._free_rows.add(r)
+            if self._listeners:
+                reports.append(SequenceReport(seq, reason, length, -(-length // bt), now))
+        if reason == "preempt":
+            self._preemptions += len(pairs)
+        return reports
+
+    def _deliver(self, reports):
+        error = None
+        for report in reports:
+            for fn in list(self._listeners):
+                try:
+                    fn(report)
+                except BaseException as exc:       # noqa: BLE001 - re-raised
+                    if error is None:
+                        error = exc
+        if error is not None:
+            raise error
+
+    def add_eviction_listener(self, fn):
+        """Call ``fn(report)`` (a ``SequenceReport``) after every removal."""
+        if not callable(fn):
+            raise TypeError(f"listener must be callable, got {fn!r}")
+        self._listeners.append(fn)
+
+    # sequences -------------------------------------------------------------
+
+    def add(self, seq, tokens):
+        """A new sequence with its prompt ``tokens``; reserves their slots
+        (all-or-nothing). Returns 0, the number of prompt tokens already
+        cached. Raises ``KeyError`` for a live id, ``ValueError`` /
+        ``TypeError`` for bad tokens, ``PoolExhaustedError``. O(tokens)."""
+        try:
+            live = seq in self._row_of
+        except TypeError:
+            raise TypeError(f"sequence id {seq!r} is not hashable") from None
+        if live:
+            raise KeyError(f"sequence {seq!r} is already in the cache")
+        tokens = self._ints(tokens, "tokens")
+        if tokens.shape[0] == 0:
+            raise ValueError("a sequence needs at least one token")
+        if not self._free_rows:
+            self._grow_rows()
+        row = min(self._free_rows)
+        self._extend(row, tokens, self._stamp)
+        self._free_rows.discard(row)
+        self._row_of[seq] = row
+        self._seq_of[row] = seq
+        self._stamp += 1
+        return 0
+
+    def _extend(self, row, tokens, stamp):
+        out = np.empty(tokens.shape[0], np.int64)
+        while True:
+            status = self._kernel("extend", _paged_extend, (
+                self._tables, self._lens, self._fill, self._tok, self._rowinfo,
+                self._state, self._meta, self.block_tokens, row, tokens, stamp,
+                out, self._info))
+            if status != _S_GROW:
+                break
+            self._grow_columns(int(self._info[0]))
+        if status != OK:
+            self._raise(status, None, tokens)
+        return out
+
+    def extend(self, seq, tokens):
+        """Append several tokens to one sequence (chunked prefill,
+        speculation), all-or-nothing; their int64 slot ids. O(tokens)."""
+        row = self._row(seq)
+        return self._extend(row, self._ints(tokens, "tokens"), -1)
+
+    def append(self, seqs, tokens):
+        """The decode step: one new token per sequence (``seqs``: ids or a
+        ``SeqRows``), a new block for those whose last is full; returns the
+        int64 slot ids. All-or-nothing, or with ``preempt="newest"`` the
+        newest sequences are freed until the rest fit (slot -1 for those in
+        ``seqs``; reports with reason "preempt"). One compiled call, O(B)."""
+        rows, gens, ids = self._rows(seqs)
+        n = rows.shape[0]
+        tokens = self._ints(tokens, "tokens", n)
+        out = np.empty(n, np.int64)
+        info = self._info
+        info[2] = 0
+        while True:
+            fn = self._fn.get("append")
+            args = (self._tables, self._lens, self._fill, self._tok,
+                    self._rowinfo, self._state, self._meta, self.block_tokens,
+                    rows, gens, tokens, self._preempt_flag, out,
+                    self._pre, info)
+            status = fn(*args) if fn is not None else self._kernel(
+                "append", _paged_append, args)
+            if status != _S_GROW:
+                break
+            self._grow_columns(int(info[0]))
+        if status != OK:
+            self._raise(status, ids, tokens)
+        if info[2]:
+            pre = self._pre[:2 * int(info[2])].tolist()
+            reports = self._evicted(list(zip(pre[::2], pre[1::2])), "preempt")
+            if reports:
+                self._deliver(reports)
+        return out
+
+    def remove(self, seq):
+        """Free a sequence's blocks."""
+        self.remove_many([seq])
+
+    def remove_many(self, seqs):
+        """Free several sequences' blocks, in order, each last block first;
+        all-or-nothing. One compiled call, O(B + blocks)."""
+        rows, _, ids = self._rows(list(seqs) if type(seqs) is SeqRows else seqs)
+        lengths = self._lens[rows].tolist() if self._listeners else None
+        status = self._kernel("remove", _paged_remove, (
+            self._tables, self._lens, self._fill, self._rowinfo, self._state,
+            self._meta, self.block_tokens, rows, self._info))
+        if status != OK:
+            self._raise(status, ids)
+        reports = self._evicted(list(zip(rows.tolist(), lengths or [0] * len(ids))), "remove")
+        if reports:
+            self._deliver(reports)
+
+    def rows(self, seqs):
+        """Put ``seqs`` in rows 0..B-1 of the block table, in this order, and
+        return a ``SeqRows`` handle for them: calls given it skip the id
+        lookups, and ``block_table`` returns views. Rows move by swapping
+        (handles of moved sequences go stale). One compiled call, O(B)."""
+        ids = list(seqs)
+        rows = self._rows(ids)[0]
+        if len(set(rows.tolist())) != len(ids):
+            seen = set()
+            for s in ids:
+                if s in seen:
+                    raise ValueError(f"sequence {s!r} appears twice")
+                seen.add(s)
+        pairs = []
+        row_of, seq_of, free = self._row_of, self._seq_of, self._free_rows
+        for i, s in enumerate(ids):
+            r = row_of[s]
+            if r != i:
+                t = seq_of[i]
+                seq_of[i], seq_of[r] = s, t
+                row_of[s] = i
+                if t is None:
+                    free.discard(i)
+                    free.add(r)
+                else:
+                    row_of[t] = r
+                pairs.append((i, r))
+        if pairs:
+            self._kernel("swap", _paged_swap, (self._tables, self._lens, self._rowinfo,
+                                               np.array(pairs, np.int64)))
+        n = len(ids)
+        return SeqRows(tuple(ids), np.arange(n, dtype=np.int64),
+                       self._rowinfo[:n, R_GEN].copy(), self)
+
+    def __len__(self):
+        return len(self._row_of)
+
+    def __contains__(self, seq):
+        try:
+            return seq in self._row_of
+        except TypeError:
+            return False
+
+    def __iter__(self):
+        return iter(list(self._row_of))
+
+    def length(self, seq):
+        """The sequence's tokens."""
+        return int(self._lens[self._row(seq)])
+
+    def blocks_needed(self, seqs, n=1):
+        """How many free blocks appending ``n`` tokens to each of ``seqs``
+        would take."""
+        n = _as_int(n, "n")
+        if n < 0:
+            raise ValueError(f"n must be non-negative, got {n}")
+        rows = self._rows(seqs)[0]
+        lens = self._lens[rows].astype(np.int64)
+        bt = self.block_tokens
+        return int((-(-(lens + n) // bt) - (-(-lens // bt))).sum())
+
+    # K/V -------------------------------------------------------------------
+
+    def slots(self, seq, start=0, stop=None):
+        """int64 slot ids of the sequence's tokens ``[start, stop)``."""
+        row = self._row(seq)
+        length = int(self._lens[row])
+        start = _as_int(start, "start")
+        stop = length if stop is None else _as_int(stop, "stop")
+        if not 0 <= start <= stop <= length:
+            raise IndexError(f"tokens [{start}, {stop}) are not within the "
+                             f"sequence's {length}")
+        pos = np.arange(start, stop, dtype=np.int64)
+        bt = self.block_tokens
+        return self._tables[row, pos // bt].astype(np.int64) * bt + pos % bt
+
+    def store(self, layer, slots, k, v):
+        """Write ``k`` and ``v`` (``[T, kv_heads, head_dim]``, converted to
+        the cache's dtype) of ``layer`` at ``slots``, each a reserved slot
+        of a live sequence (a slot given twice gets its last row). One
+        compiled call, O(T * kv_heads * head_dim)."""
+        layer = self._layer(layer)
+        slots = self._ints(slots, "slots")
+        n = slots.shape[0]
+        k = self._kv_rows(k, "k", n)
+        v = self._kv_rows(v, "v", n)
+        fn = self._fn.get("store")
+        args = (self._bits, self._fill, self._state, self.block_tokens,
+                self.layers, layer, slots, k, v, self._info)
+        status = fn(*args) if fn is not None else self._kernel("store", _paged_store, args)
+        if status != OK:
+            i = int(self._info[0])
+            raise ValueError(f"slot {slots[i]} (index {i}) is not a reserved "
+                             "slot of a live sequence")
+
+    def gather(self, layer, seqs):
+        """(k, v, lens): contiguous copies ``[B, longest, kv_heads,
+        head_dim]`` of the sequences' K and V in the cache's dtype,
+        zero-padded, and their int32 lengths."""
+        layer = self._layer(layer)
+        rows, gens, ids = self._rows(seqs)
+        status, k, v, lens = self._kernel("gather", _paged_gather, (
+            self._bits, self._tables, self._lens, self._rowinfo,
+            self.block_tokens, self.layers, layer, self._e, rows, gens, self._info))
+        if status != OK:
+            self._raise(status, ids)
+        shape = (k.shape[0], k.shape[1], self.kv_heads, self.head_dim)
+        return (k.view(self.dtype).reshape(shape), v.view(self.dtype).reshape(shape), lens)
+
+    def block_table(self, seqs):
+        """(int32 ``[B, most blocks in the batch]`` padded with -1, int32
+        ``[B]`` token counts). For a ``SeqRows`` both are views of the
+        persistent table, updated in place until it grows; else copies."""
+        rows, gens, ids = self._rows(seqs)
+        if type(seqs) is SeqRows:
+            fn = self._fn.get("width")
+            args = (self._lens, self._rowinfo, self.block_tokens, rows, gens, self._info)
+            width = fn(*args) if fn is not None else self._kernel("width", _paged_width, args)
+            if width < 0:
+                self._raise(width, ids)
+            n = rows.shape[0]
+            return self._tables[:n, :width], self._lens[:n]
+        status, table, lens = self._kernel("table", _paged_table, (
+            self._tables, self._lens, self._rowinfo, self.block_tokens, rows, self._info))
+        if status != OK:
+            self._raise(status, ids)
+        return table, lens
+
+    def attention(self, layer, q, seqs, q_lens=None, scale=None):
+        """Causal attention straight from the pool: float32 ``[T, q_heads,
+        head_dim]``. ``q`` holds ``q_lens[i]`` (default 1) queries of
+        ``seqs[i]`` after another's, its last tokens; query head ``h`` reads
+        kv head ``h // (q_heads // kv_heads)``; softmax(q·Kᵀ·scale)·V in
+        float32, ``scale`` defaulting to 1/sqrt(head_dim). One compiled call."""
+        layer = self._layer(layer)
+        rows, gens, ids = self._rows(seqs)
+        n = rows.shape[0]
+        if not isinstance(q, np.ndarray):
+            raise TypeError(f"q must be a numpy array, got {type(q).__name__}")
+        if q.dtype.kind != "f":
+            raise TypeError(f"q must be a float array, got dtype {q.dtype}")
+        if q.ndim != 3 or q.shape[2] != self.head_dim or q.shape[1] == 0 \
+                or q.shape[1] % self.kv_heads:
+            raise ValueError(f"q has shape {q.shape}; expected [T, q_heads, "
+                             f"{self.head_dim}] with q_heads a multiple of "
+                             f"kv_heads={self.kv_heads}")
+        if not (q.dtype == np.float32 and q.flags.c_contiguous and q.flags.writeable):
+            q = np.array(q, np.float32)
+        qlens = np.ones(n, np.int64) if q_lens is None else self._ints(q_lens, "q_lens", n)
+        if scale is None:
+            scale = 1.0 / float(np.sqrt(self.head_dim))
+        elif isinstance(scale, (bool, np.bool_)) or not isinstance(
+                scale, (int, float, np.integer, np.floating)) or not np.isfinite(scale):
+            raise TypeError(f"scale must be a finite number, got {scale!r}")
+        fn = self._fn.get("attention")
+        args = (self._bits, self._lut, self._tables, self._lens, self._rowinfo,
+                self.block_tokens, self.layers, layer, self.kv_heads, q, rows,
+                gens, qlens, float(scale), self._info)
+        status, out = fn(*args) if fn is not None else self._kernel(
+            "attention", _paged_attention, args)
+        if status == _S_BAD_QLEN:
+            i = int(self._info[0])
+            if i < 0:
+                raise ValueError(f"q_lens sum to {int(self._info[1])}, but q "
+                                 f"holds {q.shape[0]} tokens")
+            raise ValueError(f"q_lens[{i}] = {qlens[i]} is not within the "
+                             f"sequence's {int(self._lens[rows[i]])} tokens")
+        if status != OK:
+            self._raise(status, ids)
+        return out
+
+    # statistics and audit ----------------------------------------------------
+
+    @property
+    def free_blocks(self):
+        return int(self._kernel("free", _free_count, (self._state, self._meta)))
+
+    @property
+    def stats(self):
+        """A fresh ``PagedStats`` on every read, O(rows)."""
+        n = self.num_blocks
+        free = self.free_blocks
+        used = n - free
+        lens = self._lens[self._lens >= 0]
+        tokens = int(lens.sum())
+        unused = used * self.block_tokens - tokens
+        return PagedStats(
+            num_blocks=n, block_tokens=self.block_tokens, free_blocks=free,
+            used_blocks=used, peak_used_blocks=int(self._meta[2 * n + C_PEAK]),
+            sequences=len(self._row_of), tokens=tokens,
+            preemptions=self._preemptions, unused_slots=unused,
+            fragmentation=unused / (used * self.block_tokens) if used else 0.0)
+
+    def __repr__(self):
+        return (f"PagedKVCache({len(self)} sequences, {self.num_blocks - self.free_blocks}"
+                f"/{self.num_blocks} blocks of {self.block_tokens} tokens)")
+
+    def check_invariants(self):
+        """Audit everything from scratch, O(blocks + rows * columns); raise
+        ``AssertionError`` naming the first divergence."""
+        _audit_paged(self)
+
+
 def _fail(message):
     raise AssertionError(message)
 
@@ -2038,3 +3117,95 @@ def _audit(m):
                                               m._misses) < 0:
         _fail(f"negative or unknown counters: evictions={m._evictions} "
               f"allocations={m._allocations} hits={m._hits} misses={m._misses}")
+
+
+def _audit_paged(c):
+    state, meta = c._state, c._meta
+    n, bt = c.num_blocks, c.block_tokens
+    head, count, bump, peak, bsize = (int(x) for x in meta[2 * n:2 * n + 5])
+    ring = meta[:n]
+
+    # Geometry: the arena is n whole blocks; kv is a view of it.
+    if (state.shape[0] != n or meta.shape[0] != 2 * n + 8 or bsize != c._block_bytes
+            or c._arena.shape[0] != n * bsize):
+        _fail(f"pool arrays do not describe {n} blocks of {c._block_bytes} bytes")
+    if not np.shares_memory(c.kv, c._arena) or c.kv.nbytes != c._arena.nbytes:
+        _fail("kv is not a view of the whole arena")
+
+    # Pool counters in range; NEVER exactly the ids >= bump; only the
+    # states the paged cache uses.
+    if not (0 <= head < n and 0 <= count <= bump <= n):
+        _fail(f"pool counters out of range: head={head} count={count} bump={bump}")
+    used = bump - count
+    if not used <= peak <= n:
+        _fail(f"peak_used={peak} is not within [used_blocks={used}, {n}]")
+    never = np.flatnonzero(state == NEVER)
+    if never.size != n - bump or (never.size and never[0] != bump):
+        _fail(f"NEVER blocks are not exactly the ids >= bump={bump}")
+    if np.any((state != NEVER) & (state != FREE) & (state != HELD)):
+        _fail(f"blocks in a state the paged cache never sets: "
+              f"{np.flatnonzero((state > HELD))[:8].tolist()}")
+
+    # The free list holds each FREE block once, nothing else.
+    slots = ring[(head + np.arange(count)) % n]
+    if np.any((slots < 0) | (slots >= n)) or np.unique(slots).size != count \
+            or np.any(state[slots] != FREE) or np.count_nonzero(state == FREE) != count:
+        _fail(f"the free list ({count} ids) is not exactly the FREE blocks")
+
+    # Rows: live exactly where the maps say; free rows are blank.
+    tables, lens, rowinfo = c._tables, c._lens, c._rowinfo
+    rows = lens.shape[0]
+    if tables.shape[0] != rows or rowinfo.shape != (rows, 3) or len(c._seq_of) != rows:
+        _fail(f"row arrays disagree: tables {tables.shape}, lens {lens.shape}, "
+              f"rowinfo {rowinfo.shape}, {len(c._seq_of)} row owners")
+    live = np.flatnonzero(lens >= 0)
+    if np.any(lens < -1):
+        _fail(f"lengths below -1 in rows {np.flatnonzero(lens < -1)[:8].tolist()}")
+    if sorted(c._row_of.values()) != live.tolist():
+        _fail(f"sequence rows {sorted(c._row_of.values())[:8]} != live rows "
+              f"{live[:8].tolist()}")
+    for seq, r in c._row_of.items():
+        if c._seq_of[r] is not seq and c._seq_of[r] != seq:
+            _fail(f"row {r} names {c._seq_of[r]!r}, not its sequence {seq!r}")
+    blank = set(np.flatnonzero(lens < 0).tolist())
+    if c._free_rows != blank or any(c._seq_of[r] is not None for r in blank):
+        _fail(f"free rows {sorted(c._free_rows)[:8]} != blank rows {sorted(blank)[:8]}")
+    if np.any(rowinfo[:, R_MARK] != 0):
+        _fail(f"rows left marked: {np.flatnonzero(rowinfo[:, R_MARK])[:8].tolist()}")
+    if np.any(rowinfo[:, R_GEN] < 0):
+        _fail("a negative row generation")
+    added = rowinfo[live, R_ADDED]
+    if np.unique(added).size != added.size or (added.size and (
+            added.min() < 0 or added.max() >= c._stamp)):
+        _fail(f"add stamps {added[:8].tolist()} are not distinct and below {c._stamp}")
+
+    # Each table holds exactly ceil(length / bt) blocks, then -1 padding;
+    # tables are disjoint and are all the HELD blocks; each block's fill is
+    # its reserved slots, so the slots handed out are the sequences' own.
+    need = -(-lens.astype(np.int64) // bt)
+    need[lens < 0] = 0
+    cols = np.arange(tables.shape[1])
+    inside = cols[None, :] < need[:, None]
+    if np.any(need > tables.shape[1]) or np.any(tables[~inside] != NO_BLOCK):
+        bad = np.flatnonzero(np.any(tables != NO_BLOCK, axis=1) & (~np.all(inside, axis=1))
+                             | (need > tables.shape[1]))
+        _fail(f"rows {bad[:8].tolist()} do not hold exactly ceil(length / {bt}) blocks")
+    held = tables[inside].astype(np.int64)
+    if np.any((held < 0) | (held >= n)):
+        _fail(f"tables hold out-of-range ids {held[(held < 0) | (held >= n)][:8].tolist()}")
+    ids, times = np.unique(held, return_counts=True)
+    if np.any(times > 1):
+        _fail(f"blocks {ids[times > 1][:8].tolist()} are in two places")
+    if not np.array_equal(ids, np.flatnonzero(state == HELD)):
+        _fail(f"HELD blocks {np.setxor1d(ids, np.flatnonzero(state == HELD))[:8].tolist()} "
+              "are not in exactly one table")
+    expect = np.zeros(n, np.int64)
+    r_idx, c_idx = np.nonzero(inside)
+    expect[tables[r_idx, c_idx]] = np.minimum(bt, lens[r_idx].astype(np.int64) - c_idx * bt)
+    if not np.array_equal(expect, c._fill):
+        _fail(f"reserved slots per block disagree at blocks "
+              f"{np.flatnonzero(expect != c._fill)[:8].tolist()}")
+
+    # Counters.
+    if c._preemptions < 0 or c._stamp < len(c._row_of):
+        _fail(f"counters: preemptions={c._preemptions} stamp={c._stamp}")
