@@ -50,7 +50,7 @@ same behaviour; everything here works in both modes.
 __all__ = [
     "MemoryPool", "KVCacheManager", "CacheKey", "KVPoolEntry", "PoolStats",
     "EvictionReport", "PoolExhaustedError",
-    "NO_BLOCK", "OK", "ERR_RANGE", "ERR_NOT_ALLOCATED", "ERR_IN_ENTRY",
+    "check_pool_invariants", "NO_BLOCK", "OK", "ERR_RANGE", "ERR_NOT_ALLOCATED", "ERR_IN_ENTRY",
     "ERR_DUPLICATE", "ERR_NO_SPACE", "ERR_BAD_CHAIN",
     "PagedKVCache", "PagedStats", "SeqRows", "SequenceReport",
 ]
@@ -1952,65 +1952,6 @@ class KVCacheManager:
 
 # -- the paged cache -----------------------------------------------------------
 
-# -- pool kernels (stand-ins, replaced by the pool section's at merge) --
-# A pool is three arrays: arena (uint8, n_blocks * block_size bytes), state
-# (uint8, one per block) and meta (int64, 2n + 8: meta[:n] the FIFO ring,
-# meta[n:2n] the chain links, meta[2n:] the counters below).
-C_HEAD, C_COUNT, C_BUMP, C_PEAK, C_BLOCK_SIZE = range(5)
-
-
-def _pool_arrays(n_blocks, block_size, arena=None):
-    """(arena, state, meta) of a new pool; a given arena is used without a copy."""
-    if arena is None:
-        arena = np.zeros(n_blocks * block_size, np.uint8)
-    state = np.zeros(n_blocks, np.uint8)
-    meta = np.zeros(2 * n_blocks + 8, np.int64)
-    meta[n_blocks:2 * n_blocks] = NO_BLOCK
-    meta[2 * n_blocks + C_BLOCK_SIZE] = block_size
-    return arena, state, meta
-
-
-@njit(cache=True)
-def _free_count(state, meta):
-    n = state.shape[0]
-    return meta[2 * n + C_COUNT] + n - meta[2 * n + C_BUMP]
-
-
-@njit(cache=True)
-def _take(state, meta, out, mark):
-    """The next len(out) ids in pool order into out, marked ``mark``."""
-    n = state.shape[0]
-    c = 2 * n
-    head, count, bump = meta[c + C_HEAD], meta[c + C_COUNT], meta[c + C_BUMP]
-    for i in range(out.shape[0]):
-        if count > 0:
-            b = meta[head]
-            head = head + 1 if head + 1 < n else 0
-            count -= 1
-        else:
-            b = bump
-            bump += 1
-        out[i] = b
-        state[b] = mark
-    meta[c + C_HEAD], meta[c + C_COUNT], meta[c + C_BUMP] = head, count, bump
-    if bump - count > meta[c + C_PEAK]:
-        meta[c + C_PEAK] = bump - count
-
-
-@njit(cache=True)
-def _put(state, meta, ids):
-    """Append ids to the ring tail in order, marked FREE."""
-    n = state.shape[0]
-    c = 2 * n
-    head, count = meta[c + C_HEAD], meta[c + C_COUNT]
-    for i in range(ids.shape[0]):
-        t = head + count
-        meta[t - n if t >= n else t] = ids[i]
-        state[ids[i]] = FREE
-        count += 1
-    meta[c + C_COUNT] = count
-# -- end of the pool kernel stand-ins --
-
 PREEMPT_POLICIES = ("none", "newest")
 R_GEN, R_ADDED, R_MARK = 0, 1, 2     # columns of the per-row int64 array
 
@@ -2044,17 +1985,6 @@ def _f32_compiled(x, lut):
     if isinstance(x, nb_types.Integer):
         return lambda x, lut: lut[x]
     return lambda x, lut: x
-
-
-def _compiled(kernel, args):
-    """``kernel``'s compiled entry point for the types of ``args`` (compiled,
-    or loaded from the cache, on the first request); under NUMBA_DISABLE_JIT
-    the plain function. The entry point skips numba's per-call type dispatch
-    (about 100 ns + 30 ns per array instead of 2-3x that), so callers must
-    pass exactly these types: C-contiguous arrays of the same dtypes, ints."""
-    if getattr(kernel, "overloads", None) is None:
-        return kernel
-    return kernel.compile(tuple(numba.typeof(a) for a in args))
 
 
 @njit(cache=True)
@@ -2551,7 +2481,9 @@ class PagedKVCache:
             raise ValueError(f"{num_blocks} blocks of {block_bytes} bytes are too many")
         arena = None if buffer is None else _as_arena(
             buffer, num_blocks * block_bytes)[:num_blocks * block_bytes]
-        self._arena, self._state, self._meta = _pool_arrays(num_blocks, block_bytes, arena)
+        self._pool = _PlainPool(num_blocks * block_bytes, block_bytes, arena)
+        self._arena, self._state, self._meta = (
+            self._pool.arena, self._pool.state, self._pool.meta)
         self.num_blocks = num_blocks
         self.block_tokens = bt
         self.layers = layers
@@ -2588,7 +2520,8 @@ class PagedKVCache:
     def _kernel(self, name, kernel, args):
         fn = self._fn.get(name)
         if fn is None:
-            fn = self._fn[name] = _compiled(kernel, args)
+            fn = self._fn[name] = _compiled(
+                kernel, *(numba.typeof(a) for a in args))
         return fn(*args)
 
     def _grow_rows(self):
@@ -3010,7 +2943,7 @@ class PagedKVCache:
         unused = used * self.block_tokens - tokens
         return PagedStats(
             num_blocks=n, block_tokens=self.block_tokens, free_blocks=free,
-            used_blocks=used, peak_used_blocks=int(self._meta[2 * n + C_PEAK]),
+            used_blocks=used, peak_used_blocks=self._pool.peak_used,
             sequences=len(self._row_of), tokens=tokens,
             preemptions=self._preemptions, unused_slots=unused,
             fragmentation=unused / (used * self.block_tokens) if used else 0.0)
@@ -3029,18 +2962,29 @@ def _fail(message):
     raise AssertionError(message)
 
 
-def _audit(m):
-    pool = m._pool
+def check_pool_invariants(pool):
+    """Audit a ``MemoryPool`` (or a manager's or paged cache's pool) from
+    scratch, O(total blocks): raise ``AssertionError`` naming the first
+    divergence. For a pool driven from your own compiled code; a manager's
+    ``check_invariants`` runs it too."""
+    _audit_pool(pool)
+
+
+def _audit_pool(pool):
     total, bs = pool.total_blocks, pool.block_size
     head, count, bump, peak = pool.head, pool.count, pool.bump, pool.peak_used
-    state, ring, link = pool.state, pool.ring, pool.link
+    meta, state, ring = pool.meta, pool.state, pool.ring
 
-    # Geometry: the arena is total_blocks whole blocks; the manager agrees.
-    if bs != m._block_size or m._arena.shape[0] != total * bs:
-        _fail(f"arena of {m._arena.shape[0]} bytes != total_blocks={total} * "
-              f"block_size={bs} (manager block_size={m._block_size})")
-    if not np.shares_memory(m._arena, pool.arena):
-        _fail("the manager's arena view is not the pool's arena")
+    # Geometry: meta is counters, ring, links and states of total_blocks
+    # blocks, its views are its own, and the arena is that many whole blocks.
+    if (meta.shape[0] != _N_COUNTERS + 2 * total + (total + 7) // 8
+            or pool.ctr[C_TOTAL] != total or pool.ctr[C_BLOCK_SIZE] != bs
+            or pool.arena.shape[0] != total * bs
+            or not all(np.shares_memory(v, meta) for v in (
+                state, ring, pool.link, pool.ctr))):
+        _fail(f"pool arrays do not describe {total} blocks of {bs} bytes "
+              f"(meta of {meta.shape[0]} words, arena of "
+              f"{pool.arena.shape[0]} bytes)")
 
     # Counters in range: 0 <= head < total, 0 <= count <= bump <= total.
     if not (0 <= head < total and 0 <= count <= bump <= total):
@@ -3069,6 +3013,22 @@ def _audit(m):
     if np.count_nonzero(state == FREE) != count:
         _fail(f"{np.count_nonzero(state == FREE)} blocks are FREE but the "
               f"free list holds {count}")
+
+
+def _audit(m):
+    pool = m._pool
+    _audit_pool(pool)
+    bs, link, state = pool.block_size, pool.link, pool.state
+
+    # The manager agrees with its pool and holds its very arrays.
+    total = pool.total_blocks
+    if bs != m._block_size or m._arena.shape[0] != total * bs:
+        _fail(f"arena of {m._arena.shape[0]} bytes != total_blocks={total} * "
+              f"block_size={bs} (manager block_size={m._block_size})")
+    if m._arena is not pool.arena:
+        _fail("the manager's arena view is not the pool's arena")
+    if m._meta is not pool.meta:
+        _fail("the manager's meta array is not the pool's")
 
     # Each entry owns a well-formed chain of ceil(size / bs) blocks; chains
     # are disjoint and are all the HEAD/LINK blocks there are.
@@ -3120,37 +3080,20 @@ def _audit(m):
 
 
 def _audit_paged(c):
-    state, meta = c._state, c._meta
-    n, bt = c.num_blocks, c.block_tokens
-    head, count, bump, peak, bsize = (int(x) for x in meta[2 * n:2 * n + 5])
-    ring = meta[:n]
+    pool = c._pool
+    _audit_pool(pool)
+    state, n, bt = pool.state, c.num_blocks, c.block_tokens
 
-    # Geometry: the arena is n whole blocks; kv is a view of it.
-    if (state.shape[0] != n or meta.shape[0] != 2 * n + 8 or bsize != c._block_bytes
-            or c._arena.shape[0] != n * bsize):
+    # Geometry: n blocks of the cache's block bytes; kv is a view of them.
+    if (pool.total_blocks != n or pool.block_size != c._block_bytes
+            or c._arena is not pool.arena or c._state is not pool.state
+            or c._meta is not pool.meta):
         _fail(f"pool arrays do not describe {n} blocks of {c._block_bytes} bytes")
     if not np.shares_memory(c.kv, c._arena) or c.kv.nbytes != c._arena.nbytes:
         _fail("kv is not a view of the whole arena")
-
-    # Pool counters in range; NEVER exactly the ids >= bump; only the
-    # states the paged cache uses.
-    if not (0 <= head < n and 0 <= count <= bump <= n):
-        _fail(f"pool counters out of range: head={head} count={count} bump={bump}")
-    used = bump - count
-    if not used <= peak <= n:
-        _fail(f"peak_used={peak} is not within [used_blocks={used}, {n}]")
-    never = np.flatnonzero(state == NEVER)
-    if never.size != n - bump or (never.size and never[0] != bump):
-        _fail(f"NEVER blocks are not exactly the ids >= bump={bump}")
-    if np.any((state != NEVER) & (state != FREE) & (state != HELD)):
+    if np.any(state > HELD):
         _fail(f"blocks in a state the paged cache never sets: "
-              f"{np.flatnonzero((state > HELD))[:8].tolist()}")
-
-    # The free list holds each FREE block once, nothing else.
-    slots = ring[(head + np.arange(count)) % n]
-    if np.any((slots < 0) | (slots >= n)) or np.unique(slots).size != count \
-            or np.any(state[slots] != FREE) or np.count_nonzero(state == FREE) != count:
-        _fail(f"the free list ({count} ids) is not exactly the FREE blocks")
+              f"{np.flatnonzero(state > HELD)[:8].tolist()}")
 
     # Rows: live exactly where the maps say; free rows are blank.
     tables, lens, rowinfo = c._tables, c._lens, c._rowinfo

@@ -34,11 +34,15 @@ def reference_attention(kv, table, length, bt, layer, q, scale):
     return out
 
 
+def free_list(c):
+    """The pool's free block ids, oldest first."""
+    p = c._pool
+    return p.ring[(p.head + np.arange(p.count)) % p.total_blocks].tolist()
+
+
 def snapshot(c):
     """Everything observable that defines the cache's future."""
-    n = c.num_blocks
-    meta = c._meta
-    head, count = int(meta[2 * n]), int(meta[2 * n + 1])
+    p = c._pool
     seqs = {}
     for s in c:
         r = c._row_of[s]
@@ -46,8 +50,7 @@ def snapshot(c):
         nb = -(-L // c.block_tokens)
         seqs[s] = (L, c._tables[r, :nb].tolist(), int(c._rowinfo[r, 1]),
                    c._tok[c.slots(s)].tolist())
-    return (seqs, list(c), meta[(head + np.arange(count)) % n].tolist(),
-            meta[2 * n:2 * n + 5].tolist(), c.stats, c._stamp, c.kv.tobytes(),
+    return (seqs, list(c), free_list(c), p.ctr.tolist(), c.stats, c._stamp, c.kv.tobytes(),
             c._state.tobytes(), c._fill.tobytes())
 
 
@@ -249,9 +252,7 @@ class PagedMachine(RuleBasedStateMachine):
                 st_.tokens) == (m.nfree(), used, m.peak, m.preemptions,
                                 sum(len(t[0]) for t in m.seqs.values()))
         assert st_.unused_slots == used * m.bt - st_.tokens
-        n = c.num_blocks
-        head, count = int(c._meta[2 * n]), int(c._meta[2 * n + 1])
-        assert c._meta[(head + np.arange(count)) % n].tolist() == list(m.free)
+        assert free_list(c) == list(m.free)
         assert np.array_equal(c.kv.view(np.uint8), m.kv.view(np.uint8))
 
 
@@ -515,10 +516,10 @@ CORRUPTIONS = {
     "held but in no table": lambda c: c._state.__setitem__(9, kvpool.HELD),
     "in a table but free": _swap_free_and_held,
     "fill": lambda c: c._fill.__setitem__(c._tables[c._row_of["a"], 1], 4),
-    "free list count": lambda c: c._meta.__setitem__(2 * 10 + 1, c._meta[21] + 1),
-    "bump": lambda c: c._meta.__setitem__(2 * 10 + 2, 9),
-    "peak": lambda c: c._meta.__setitem__(2 * 10 + 3, 1),
-    "free list entry": lambda c: c._meta.__setitem__(int(c._meta[20]), 7),
+    "free list count": lambda c: setattr(c._pool, "count", c._pool.count + 1),
+    "bump": lambda c: setattr(c._pool, "bump", 9),
+    "peak": lambda c: setattr(c._pool, "peak_used", 1),
+    "free list entry": lambda c: c._pool.ring.__setitem__(c._pool.head, 7),
     "row map": lambda c: c._row_of.__setitem__("a", c._row_of["c"]),
     "row owner": lambda c: c._seq_of.__setitem__(c._row_of["a"], "zz"),
     "free rows": lambda c: c._free_rows.discard(min(c._free_rows)),
