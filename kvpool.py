@@ -117,6 +117,12 @@ FORMAT_VERSION = 1       # of the .npz snapshot written by KVCacheManager.save
 # Everything but the bytes sits in ``meta`` so that a kernel can update the
 # counters, and so that a call from the interpreter passes one or two arrays,
 # not five (each array crossing the boundary costs tens of nanoseconds).
+#
+# A paged cache runs its pool in list mode (``C_LIST`` = 1): the free list is
+# then doubly linked through ``ring`` (next) and ``link`` (prev), from
+# ``C_HEAD`` to ``C_TAIL`` (-1 when empty), so that a prefix hit can take a
+# cached block out of its middle in O(1); never-used ids (>= bump) count as
+# its front. The block and chain calls are not for such a pool.
 
 C_HEAD = 0               # ring slot of the oldest freed block
 C_COUNT = 1              # freed blocks in the ring
@@ -124,7 +130,9 @@ C_BUMP = 2               # the next never-used id
 C_PEAK = 3               # the most blocks in use at once (since reset)
 C_BLOCK_SIZE = 4         # bytes per block
 C_TOTAL = 5              # blocks in the pool
-_N_COUNTERS = 8          # (two spare)
+C_LIST = 6               # 1: the free list is a linked list (a paged cache's)
+C_TAIL = 7               # list mode: the last block of the free list
+_N_COUNTERS = 8
 
 
 @njit(cache=True)
@@ -2023,48 +2031,331 @@ def _unmark(rowinfo, rows):
         rowinfo[rows[i], R_MARK] = 0
 
 
+# Sharing. Blocks carry reference counts; a block is free only when no
+# table holds it. The free list runs in vLLM v1's order: never-used ids
+# first (increasing), then the linked list of freed blocks, oldest first; a
+# removed sequence's blocks join its tail last block first; a prefix hit
+# unlinks a cached free block wherever it sits, in O(1). (A lazily skipped
+# ring would need room for stale entries beyond the pool's n slots and an
+# audit that tolerates them; the linked list stays exact in the same O(1).)
+#
+# Prefix cache. A full block is findable under a chained 64-bit hash of its
+# parent's hash and its token ids. The hash only indexes: every lookup is
+# verified against the candidate's stored token ids, its depth and its
+# parent's hash, so a collision can cost a hit but never share wrong K/V.
+# Findable blocks with one hash form a class: a list in insertion order
+# (vLLM keeps such duplicates too; a lookup takes the oldest). A block joins
+# a class only if its tokens, depth and parent hash equal the class's, so a
+# class is content-pure; a colliding block, and every block after it in its
+# sequence, stays unfindable. A class cannot die while a findable child of it
+# lives (the child's holders hold a class member, and a freed child sits in
+# the free list before its parents), which the audit checks; so a verified
+# parent hash identifies the parent's content.
+#
+# The prefix state is one int64 array (fewer arguments across the boundary):
+#
+#   px  | counters (8) | per block [n, 6]: ref, hash, parent hash, next and
+#       prev in its class, depth (-1: not findable) | table keys (cap) |
+#       table values (cap): the oldest block of the class, -1 empty |
+#
+# The table is open addressing with linear probing, capacity a power of two
+# >= 2n (a load of at most 1/2), and backward-shift deletion (no
+# tombstones). It is compiled, not a Python dict, because blocks fill and are
+# evicted inside the compiled decode step: a dict would need the step to
+# hand every filled and evicted block back to the interpreter.
+
+P_N, P_CAP, P_ON, P_MASK, P_REQS, P_QUERIES, P_HITS, P_COW = range(8)
+_P_HEAD = 8
+B_REF, B_HASH, B_PHASH, B_NEXT, B_PREV, B_DEPTH = range(6)
+_B_COLS = 6
+_ROOT_HASH = 0x6B76706F6F6C      # the parent hash of a sequence's first block
+_M64 = (1 << 64) - 1
+
+
+def _mix(h, x):
+    """One splitmix64 step of hash ``h`` with token ``x`` (Python ints)."""
+    z = ((int(h) ^ int(x)) + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+@overload(_mix)
+def _mix_compiled(h, x):
+    def impl(h, x):
+        z = (np.uint64(h) ^ np.uint64(x)) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+    return impl
+
+
 @njit(cache=True)
-def _release_row(tables, lens, fill, rowinfo, state, meta, bt, r):
-    """Free row ``r``'s blocks (to the free list tail, last block first),
+def _px_parts(px):
+    """(blk, blku, keys, vals): the per-block table as int64 and as uint64
+    (for the hashes), and the hash table's keys and values."""
+    n = px[P_N]
+    cap = px[P_CAP]
+    a = _P_HEAD + _B_COLS * n
+    pxu = px.view(np.uint64)
+    return (px[_P_HEAD:a].reshape((n, _B_COLS)), pxu[_P_HEAD:a].reshape((n, _B_COLS)),
+            pxu[a:a + cap], px[a + cap:a + 2 * cap])
+
+
+@njit(cache=True)
+def _block_hash(tokens, lo, bt, ph, mask):
+    """The chained hash of ``tokens[lo:lo + bt]`` after parent hash ``ph``."""
+    h = ph
+    for i in range(lo, lo + bt):
+        h = _mix(h, tokens[i])
+    return h & mask
+
+
+@njit(cache=True)
+def _h_slot(keys, vals, h):
+    """The table slot holding ``h``, or the empty slot where it would go."""
+    m = keys.shape[0] - 1
+    i = np.int64(h & np.uint64(m))
+    while vals[i] >= 0 and keys[i] != h:
+        i = (i + 1) & m
+    return i
+
+
+@njit(cache=True)
+def _h_delete(keys, vals, i):
+    """Empty slot ``i``, shifting later entries of its probe run back."""
+    m = keys.shape[0] - 1
+    j = i
+    while True:
+        j = (j + 1) & m
+        if vals[j] < 0:
+            break
+        k = np.int64(keys[j] & np.uint64(m))       # the entry's home slot
+        if (j > i and (k <= i or k > j)) or (j < i and k <= i and k > j):
+            keys[i] = keys[j]
+            vals[i] = vals[j]
+            i = j
+    vals[i] = -1
+
+
+@njit(cache=True)
+def _register(tok, px, bt, b, parent, depth):
+    """Make full block ``b`` (at ``depth`` of a sequence, after block
+    ``parent``) findable: a new class, or the tail of its equal class.
+    Unfindable after an unfindable parent or on a collision."""
+    blk, blku, keys, vals = _px_parts(px)
+    if depth == 0:
+        ph = np.uint64(_ROOT_HASH)
+    elif blk[parent, B_DEPTH] < 0:
+        return
+    else:
+        ph = blku[parent, B_HASH]
+    h = _block_hash(tok, b * bt, bt, ph, px.view(np.uint64)[P_MASK])
+    i = _h_slot(keys, vals, h)
+    head = vals[i]
+    if head < 0:
+        keys[i] = h
+        vals[i] = b
+        blk[b, B_PREV] = b                         # a head's prev is the tail
+    else:
+        if blk[head, B_DEPTH] != depth or blku[head, B_PHASH] != ph:
+            return
+        for t in range(bt):
+            if tok[head * bt + t] != tok[b * bt + t]:
+                return
+        tail = blk[head, B_PREV]
+        blk[tail, B_NEXT] = b
+        blk[b, B_PREV] = tail
+        blk[head, B_PREV] = b
+    blk[b, B_NEXT] = -1
+    blku[b, B_HASH] = h
+    blku[b, B_PHASH] = ph
+    blk[b, B_DEPTH] = depth
+
+
+@njit(cache=True)
+def _unregister(px, b):
+    """Make findable block ``b`` unfindable (it is handed out anew)."""
+    blk, blku, keys, vals = _px_parts(px)
+    i = _h_slot(keys, vals, blku[b, B_HASH])
+    head = vals[i]
+    nx = blk[b, B_NEXT]
+    if head == b:
+        if nx < 0:
+            _h_delete(keys, vals, i)
+        else:
+            vals[i] = nx
+            blk[nx, B_PREV] = blk[b, B_PREV]
+    else:
+        p = blk[b, B_PREV]
+        blk[p, B_NEXT] = nx
+        if nx >= 0:
+            blk[nx, B_PREV] = p
+        else:
+            blk[head, B_PREV] = p
+    blk[b, B_DEPTH] = -1
+
+
+@njit(cache=True)
+def _lookup(tok, px, bt, tokens, found):
+    """The longest verified run of findable blocks matching ``tokens``' full
+    blocks (at most ``(len - 1) // bt``): its length, its ids in ``found``."""
+    blk, blku, keys, vals = _px_parts(px)
+    mask = px.view(np.uint64)[P_MASK]
+    most = (tokens.shape[0] - 1) // bt
+    ph = np.uint64(_ROOT_HASH)
+    for j in range(most):
+        h = _block_hash(tokens, j * bt, bt, ph, mask)
+        b = vals[_h_slot(keys, vals, h)]
+        if b < 0 or blk[b, B_DEPTH] != j or blku[b, B_PHASH] != ph:
+            return j
+        for t in range(bt):
+            if tok[b * bt + t] != tokens[j * bt + t]:
+                return j
+        found[j] = b
+        ph = h
+    return most
+
+
+@njit(cache=True)
+def _q_unlink(ring, link, ctr, b):
+    """Take block ``b`` out of the (list-mode) free list."""
+    p = link[b]
+    nx = ring[b]
+    if p >= 0:
+        ring[p] = nx
+    else:
+        ctr[C_HEAD] = nx
+    if nx >= 0:
+        link[nx] = p
+    else:
+        ctr[C_TAIL] = p
+    ctr[C_COUNT] -= 1
+
+
+@njit(cache=True)
+def _q_push(ring, link, ctr, b):
+    """Append block ``b`` to the free list's tail."""
+    t = ctr[C_TAIL]
+    ring[b] = -1
+    link[b] = t
+    if t >= 0:
+        ring[t] = b
+    else:
+        ctr[C_HEAD] = b
+    ctr[C_TAIL] = b
+    ctr[C_COUNT] += 1
+
+
+@njit(cache=True)
+def _q_one(state, ring, link, ctr, px, blk):
+    """A block for new content from the free list's front (a never-used id
+    first), HELD with one reference; a cached one forgets its hash. The
+    caller has checked that one is free and updates the peak."""
+    b = ctr[C_BUMP]
+    if b < state.shape[0]:
+        ctr[C_BUMP] = b + 1
+    else:
+        b = ctr[C_HEAD]
+        _q_unlink(ring, link, ctr, b)
+        if blk[b, B_DEPTH] >= 0:
+            _unregister(px, b)
+    state[b] = HELD
+    blk[b, B_REF] = 1
+    return b
+
+
+@njit(cache=True)
+def _q_peak(ctr):
+    if ctr[C_BUMP] - ctr[C_COUNT] > ctr[C_PEAK]:
+        ctr[C_PEAK] = ctr[C_BUMP] - ctr[C_COUNT]
+
+
+@njit(cache=True)
+def _cow(arena, tok, fill, state, ring, link, ctr, px, blk, bt, b):
+    """Copy shared block ``b`` (every layer, K and V, its tokens and fill)
+    into a new block, dropping one reference to ``b``; the new block."""
+    c = _q_one(state, ring, link, ctr, px, blk)
+    bb = ctr[C_BLOCK_SIZE]
+    arena[c * bb:(c + 1) * bb] = arena[b * bb:(b + 1) * bb]
+    tok[c * bt:(c + 1) * bt] = tok[b * bt:(b + 1) * bt]
+    fill[c] = fill[b]
+    blk[b, B_REF] -= 1
+    px[P_COW] += 1
+    return c
+
+
+@njit(cache=True)
+def _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, r):
+    """Drop row ``r``'s references, last block first (a block whose count
+    reaches 0 joins the free list's tail, keeping its content and hash),
     clear the row and bump its generation; the number of blocks freed."""
-    nb = (lens[r] + bt - 1) // bt
-    ids = np.empty(nb, np.int64)
-    for j in range(nb):
-        b = tables[r, nb - 1 - j]
-        ids[j] = b
-        fill[b] = 0
-    for j in range(nb):
+    ring, link, ctr = _parts(state, meta)
+    blk = _px_parts(px)[0]
+    freed = 0
+    for j in range((lens[r] + bt - 1) // bt - 1, -1, -1):
+        b = tables[r, j]
         tables[r, j] = NO_BLOCK
-    _put(state, meta, ids)
+        blk[b, B_REF] -= 1
+        if blk[b, B_REF] == 0:
+            fill[b] = 0
+            state[b] = FREE
+            _q_push(ring, link, ctr, b)
+            freed += 1
     lens[r] = -1
     rowinfo[r, R_GEN] += 1
-    return nb
+    return freed
 
 
 @njit(cache=True)
-def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, bt, rows,
-                  gens, tokens, preempt, out, pre, info):
+def _append_need(tables, lens, rowinfo, blk, bt, rows, scratch):
+    """Blocks that one more token per row takes (rows marked 2 skipped): a
+    new block for a full last block, a copy for a shared partial one (in
+    row order, the last holder in the batch keeps it)."""
+    need = 0
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        scratch[i] = -1
+        if rowinfo[r, R_MARK] == 2:
+            continue
+        L = lens[r]
+        if L % bt == 0:
+            need += 1
+        else:
+            b = tables[r, L // bt]
+            if blk[b, B_REF] > 1:
+                need += 1
+                blk[b, B_REF] -= 1               # for the rows after this one
+                scratch[i] = b
+    for i in range(rows.shape[0]):
+        if scratch[i] >= 0:
+            blk[scratch[i], B_REF] += 1
+    return need
+
+
+@njit(cache=True)
+def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
+                  rows, gens, tokens, preempt, out, pre, info):
     """One token per row: reserve its slot (a new block when the last is
-    full) into ``out``. Short of blocks: ``_S_NO_SPACE``, or with ``preempt``
-    free the newest sequences (``pre``: row, length pairs; ``info[2]``: how
-    many) until the rest fit; a preempted row's slot is -1."""
+    full, a copy when it is shared) into ``out``. Short of blocks:
+    ``_S_NO_SPACE``, or with ``preempt`` free the newest sequences (``pre``:
+    row, length, blocks freed; ``info[2]``: how many) until the rest fit; a
+    preempted row's slot is -1. Blocks that fill become findable."""
     n = rows.shape[0]
     status = _check_rows(lens, rowinfo, rows, gens, info)
     if status != OK:
         return status
-    need = 0
     for i in range(n):
         L = lens[rows[i]]
         if tokens[i] < 0:
-            status = _S_BAD_TOKEN
             info[0] = i
-        elif L % bt == 0:
-            need += 1
-            if L // bt >= tables.shape[1]:
-                status = _S_GROW
-                info[0] = L // bt + 1
-        if status != OK:
-            return status
+            return _S_BAD_TOKEN
+        if L % bt == 0 and L // bt >= tables.shape[1]:
+            info[0] = L // bt + 1
+            return _S_GROW
+    ring, link, ctr = _parts(state, meta)
+    blk = _px_parts(px)[0]
+    need = _append_need(tables, lens, rowinfo, blk, bt, rows, out)
     free = _free_count(state, meta)
     npre = 0
     if need > free and preempt != 0:
@@ -2083,19 +2374,17 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, bt, rows,
                 best = r
         if best < 0:
             break
-        L = lens[best]
         if rowinfo[best, R_MARK] == 1:
             rowinfo[best, R_MARK] = 2
-            if L % bt == 0:
-                need -= 1
-        pre[2 * npre] = best
-        pre[2 * npre + 1] = L
+        pre[3 * npre] = best
+        pre[3 * npre + 1] = lens[best]
+        freed = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, best)
+        pre[3 * npre + 2] = freed
         npre += 1
-        free += _release_row(tables, lens, fill, rowinfo, state, meta, bt, best)
+        free += freed
+        need = _append_need(tables, lens, rowinfo, blk, bt, rows, out)
     info[2] = npre
-    new = np.empty(need, np.int64)
-    _take(state, meta, new, HELD)
-    j = 0
+    on = px[P_ON] != 0
     for i in range(n):
         r = rows[i]
         if npre > 0 and rowinfo[r, R_MARK] == 2:
@@ -2105,70 +2394,135 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, bt, rows,
         col = L // bt
         off = L - col * bt
         if off == 0:
-            b = new[j]
-            j += 1
+            b = _q_one(state, ring, link, ctr, px, blk)
             tables[r, col] = b
         else:
             b = tables[r, col]
+            if blk[b, B_REF] > 1:
+                b = _cow(arena, tok, fill, state, ring, link, ctr, px, blk, bt, b)
+                tables[r, col] = b
         fill[b] = off + 1
         s = b * bt + off
         tok[s] = tokens[i]
         lens[r] = L + 1
         out[i] = s
+        if on and off == bt - 1:
+            _register(tok, px, bt, b, tables[r, col - 1] if col > 0 else -1, col)
+    _q_peak(ctr)
     if npre > 0:
         _unmark(rowinfo, rows)
     return OK
 
 
 @njit(cache=True)
-def _paged_extend(tables, lens, fill, tok, rowinfo, state, meta, bt, row,
-                  tokens, stamp, out, info):
+def _paged_extend(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
+                  row, tokens, stamp, out, info):
     """Append ``tokens`` to one row, slots into ``out``; with ``stamp >= 0``
-    the row is free and becomes a new sequence added at ``stamp``."""
+    the row is free and becomes a new sequence added at ``stamp``, sharing
+    the longest verified run of cached blocks (prefix caching on; the
+    tokens it covers in ``info[3]``). A shared partial last block is copied
+    first. Blocks that fill become findable."""
     n = tokens.shape[0]
-    L = 0 if stamp >= 0 else lens[row]
     for i in range(n):
         if tokens[i] < 0:
             info[0] = i
             return _S_BAD_TOKEN
+    new = stamp >= 0
+    L = 0 if new else lens[row]
     have = (L + bt - 1) // bt
     total = (L + n + bt - 1) // bt
     if total > tables.shape[1]:
         info[0] = total
         return _S_GROW
-    need = total - have
-    free = _free_count(state, meta)
+    ring, link, ctr = _parts(state, meta)
+    blk = _px_parts(px)[0]
+    on = px[P_ON] != 0
+    hit = 0
+    revive = 0                             # hits that are free now
+    if new and on:
+        hit = _lookup(tok, px, bt, tokens, out)      # ``out`` as scratch
+        for j in range(hit):
+            if blk[out[j], B_REF] == 0:
+                revive += 1
+    cow = 1 if (n > 0 and L % bt != 0 and blk[tables[row, have - 1], B_REF] > 1) else 0
+    need = total - have - hit + cow
+    free = _free_count(state, meta) - revive
     if need > free:
         info[0] = need
         info[1] = free
         return _S_NO_SPACE
-    new = np.empty(need, np.int64)
-    _take(state, meta, new, HELD)
-    for j in range(need):
-        tables[row, have + j] = new[j]
+    for j in range(hit):
+        b = out[j]
+        if blk[b, B_REF] == 0:
+            _q_unlink(ring, link, ctr, b)
+            state[b] = HELD
+            fill[b] = bt
+        blk[b, B_REF] += 1
+        tables[row, j] = b
+    if cow:
+        tables[row, have - 1] = _cow(arena, tok, fill, state, ring, link, ctr, px,
+                                     blk, bt, tables[row, have - 1])
+    for j in range(have + hit, total):
+        tables[row, j] = _q_one(state, ring, link, ctr, px, blk)
+    _q_peak(ctr)
+    skip = hit * bt
     for i in range(n):
         p = L + i
-        b = tables[row, p // bt]
-        off = p % bt
+        col = p // bt
+        b = tables[row, col]
+        off = p - col * bt
         s = b * bt + off
+        out[i] = s
+        if i < skip:
+            continue
         tok[s] = tokens[i]
         fill[b] = off + 1
-        out[i] = s
+        if on and off == bt - 1:
+            _register(tok, px, bt, b, tables[row, col - 1] if col > 0 else -1, col)
     lens[row] = L + n
-    if stamp >= 0:
+    if new:
         rowinfo[row, R_ADDED] = stamp
+        if on:
+            px[P_REQS] += 1
+            px[P_QUERIES] += n
+            px[P_HITS] += skip
+    info[3] = skip
     return OK
 
 
 @njit(cache=True)
-def _paged_remove(tables, lens, fill, rowinfo, state, meta, bt, rows, info):
-    """Free whole rows, in order; ``OK`` or a status, freeing nothing."""
+def _paged_remove(tables, lens, fill, rowinfo, state, meta, px, bt, rows, freed,
+                  info):
+    """Free whole rows, in order (blocks freed per row into ``freed``);
+    ``OK`` or a status, freeing nothing."""
     status = _check_rows(lens, rowinfo, rows, rows[:0], info)
     if status != OK:
         return status
     for i in range(rows.shape[0]):
-        _release_row(tables, lens, fill, rowinfo, state, meta, bt, rows[i])
+        freed[i] = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, rows[i])
     return OK
+
+
+@njit(cache=True)
+def _paged_fork(tables, lens, rowinfo, px, bt, src, dst, stamp):
+    """Row ``dst`` (free) becomes a sequence added at ``stamp`` sharing every
+    block of row ``src``: one more reference each."""
+    blk = _px_parts(px)[0]
+    for j in range((lens[src] + bt - 1) // bt):
+        b = tables[src, j]
+        tables[dst, j] = b
+        blk[b, B_REF] += 1
+    lens[dst] = lens[src]
+    rowinfo[dst, R_ADDED] = stamp
+
+
+@njit(cache=True)
+def _paged_reset(px):
+    """Forget every cached hash."""
+    blk, blku, keys, vals = _px_parts(px)
+    for b in range(blk.shape[0]):
+        blk[b, B_DEPTH] = -1
+    vals[:] = -1
 
 
 @njit(cache=True)
@@ -2371,6 +2725,13 @@ class PagedStats:
     unused_slots       internal fragmentation: the free slots in the
                        sequences' last blocks
     fragmentation      unused_slots / (used_blocks * block_tokens), or 0.0
+    prefix_requests    sequences added with prefix caching on
+    prefix_queries     their prompt tokens, looked up
+    prefix_hits        prompt tokens found cached (shared, not computed)
+    prefix_hit_rate    prefix_hits / prefix_queries, or 0.0
+    cached_blocks      free blocks still findable by their hash
+    shared_blocks      blocks held by more than one sequence
+    cow_copies         shared blocks copied before an append wrote to them
     """
     num_blocks: int
     block_tokens: int
@@ -2382,6 +2743,13 @@ class PagedStats:
     preemptions: int
     unused_slots: int
     fragmentation: float
+    prefix_requests: int
+    prefix_queries: int
+    prefix_hits: int
+    prefix_hit_rate: float
+    cached_blocks: int
+    shared_blocks: int
+    cow_copies: int
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -2393,7 +2761,7 @@ class SequenceReport:
     seq: object
     reason: str              # "remove" or "preempt"
     length: int              # its tokens
-    blocks_freed: int
+    blocks_freed: int        # blocks no other sequence held
     timestamp: float         # time.monotonic() at the removal
 
 
@@ -2428,15 +2796,17 @@ class PagedKVCache:
     compiled writes and attention straight from the pool.
 
     ``PagedKVCache(num_blocks, block_tokens=16, *, layers, kv_heads,
-    head_dim, dtype=np.float16, preempt="none", buffer=None, on_evict=None)``
+    head_dim, dtype=np.float16, preempt="none", buffer=None, on_evict=None,
+    prefix_caching=True)``
 
     A block holds ``block_tokens`` tokens of every layer, K and V; ``kv`` is
     the arena as ``[num_blocks, layers, 2, block_tokens, kv_heads,
     head_dim]`` (a view, no copy). Token ``p`` of a sequence lives in slot
     ``table[p // block_tokens] * block_tokens + p % block_tokens``.
 
-    Sequences: ``add``, ``append``, ``extend``, ``remove``, ``remove_many``,
-    ``len``, ``in``, ``iter``, ``length``, ``blocks_needed``.
+    Sequences: ``add``, ``append``, ``extend``, ``fork``, ``remove``,
+    ``remove_many``, ``len``, ``in``, ``iter``, ``length``, ``blocks_needed``.
+    Prefix cache: ``add`` shares cached blocks, ``reset_prefix_cache``.
     K/V: ``slots``, ``store``, ``gather``, ``attention``, ``block_table``.
     Batches without lookups: ``rows`` (a ``SeqRows`` handle).
     Statistics and audit: ``free_blocks``, ``stats``, ``check_invariants``.
@@ -2447,14 +2817,24 @@ class PagedKVCache:
     operation is one compiled call over these arrays and the pool's.
     ``append``, ``extend`` and ``add`` are all-or-nothing; with
     ``preempt="newest"`` a short ``append`` frees whole sequences, the most
-    recently added first, until the rest fit. A freed sequence's blocks go
-    to the free list's tail, its last block first. Not thread-safe: guard
-    it yourself if threads share it.
+    recently added first, until the rest fit.
+
+    Sharing: blocks are reference counted. ``fork`` shares every block of a
+    sequence; appending to a sequence whose last block is shared copies that
+    block first (copy-on-write). With ``prefix_caching`` (the default) every
+    full block is findable by a chained hash of its parent's hash and its
+    token ids, and ``add`` shares the longest run of cached blocks matching
+    the prompt's start, each verified against its stored token ids. The free
+    list runs in vLLM v1's order: never-used blocks in id order, then freed
+    ones oldest first; a freed sequence's blocks go to the tail, its last
+    block first; a freed block keeps its content and hash until it is handed
+    out for new content, and a prefix hit takes it back from wherever it
+    sits. Not thread-safe: guard it yourself if threads share it.
     """
 
     def __init__(self, num_blocks, block_tokens=16, *, layers, kv_heads,
                  head_dim, dtype=np.float16, preempt="none", buffer=None,
-                 on_evict=None):
+                 on_evict=None, prefix_caching=True):
         num_blocks = _as_int(num_blocks, "num_blocks")
         bt = _as_int(block_tokens, "block_tokens")
         layers = _as_int(layers, "layers")
@@ -2475,6 +2855,8 @@ class PagedKVCache:
             raise ValueError(f"preempt must be one of {PREEMPT_POLICIES}, got {preempt!r}")
         if on_evict is not None and not callable(on_evict):
             raise TypeError(f"on_evict must be callable, got {on_evict!r}")
+        if not isinstance(prefix_caching, (bool, np.bool_)):
+            raise TypeError(f"prefix_caching must be True or False, got {prefix_caching!r}")
         e = kv_heads * head_dim
         block_bytes = layers * 2 * bt * e * dt.itemsize
         if num_blocks * block_bytes >= 1 << 62:
@@ -2484,6 +2866,21 @@ class PagedKVCache:
         self._pool = _PlainPool(num_blocks * block_bytes, block_bytes, arena)
         self._arena, self._state, self._meta = (
             self._pool.arena, self._pool.state, self._pool.meta)
+        ctr = self._pool.ctr                              # the free list as a
+        ctr[C_LIST], ctr[C_HEAD], ctr[C_TAIL] = 1, -1, -1  # linked list
+        self._pool.ring[:] = -1
+        self._pool.link[:] = -1
+        cap = 8
+        while cap < 2 * num_blocks:
+            cap *= 2
+        a = _P_HEAD + _B_COLS * num_blocks
+        self._px = px = np.zeros(a + 2 * cap, np.int64)   # the prefix state
+        px[P_N], px[P_CAP], px[P_ON] = num_blocks, cap, bool(prefix_caching)
+        px.view(np.uint64)[P_MASK] = _M64
+        self._blk = px[_P_HEAD:a].reshape(num_blocks, _B_COLS)
+        self._blk[:, B_NEXT:] = -1
+        px[a + cap:] = -1
+        self.prefix_caching = bool(prefix_caching)
         self.num_blocks = num_blocks
         self.block_tokens = bt
         self.layers = layers
@@ -2534,7 +2931,7 @@ class PagedKVCache:
         rowinfo = np.zeros((new, 3), np.int64)
         rowinfo[:old] = self._rowinfo
         self._tables, self._lens, self._rowinfo = tables, lens, rowinfo
-        self._pre = np.zeros(2 * new, np.int64)
+        self._pre = np.zeros(3 * new, np.int64)
         self._seq_of.extend([None] * (new - old))
         self._free_rows.update(range(old, new))
 
@@ -2625,20 +3022,20 @@ class PagedKVCache:
                              f"{tokens[i]} at index {i}")
         raise AssertionError(f"unexpected status {status}")
 
-    def _evicted(self, pairs, reason):
-        """Unbind the rows in ``pairs`` (row, length), already freed; reports."""
-        bt = self.block_tokens
+    def _evicted(self, triples, reason):
+        """Unbind the rows in ``triples`` (row, length, blocks freed), already
+        freed; reports."""
         reports = []
         now = time.monotonic()
-        for r, length in pairs:
+        for r, length, freed in triples:
             seq = self._seq_of[r]
             self._seq_of[r] = None
             del self._row_of[seq]
             self._free_rows.add(r)
             if self._listeners:
-                reports.append(SequenceReport(seq, reason, length, -(-length // bt), now))
+                reports.append(SequenceReport(seq, reason, length, freed, now))
         if reason == "preempt":
-            self._preemptions += len(pairs)
+            self._preemptions += len(triples)
         return reports
 
     def _deliver(self, reports):
@@ -2663,9 +3060,15 @@ class PagedKVCache:
 
     def add(self, seq, tokens):
         """A new sequence with its prompt ``tokens``; reserves their slots
-        (all-or-nothing). Returns 0, the number of prompt tokens already
-        cached. Raises ``KeyError`` for a live id, ``ValueError`` /
-        ``TypeError`` for bad tokens, ``PoolExhaustedError``. O(tokens)."""
+        (all-or-nothing). With prefix caching it first shares the longest
+        run of cached full blocks matching the prompt's start, each verified
+        against its stored token ids, and returns how many prompt tokens
+        they cover: at most ``len(tokens) - 1``, whole blocks, so the last
+        token is always computed. Compute K/V only for the rest (the slots
+        of ``slots(seq, covered)``). Returns 0 without prefix caching.
+        Raises ``KeyError`` for a live id, ``ValueError`` / ``TypeError``
+        for bad tokens, ``PoolExhaustedError``. One compiled call,
+        O(tokens)."""
         try:
             live = seq in self._row_of
         except TypeError:
@@ -2675,23 +3078,29 @@ class PagedKVCache:
         tokens = self._ints(tokens, "tokens")
         if tokens.shape[0] == 0:
             raise ValueError("a sequence needs at least one token")
+        row = self._new_row()
+        self._extend(row, tokens, self._stamp)
+        self._bind(seq, row)
+        return int(self._info[3])
+
+    def _new_row(self):
         if not self._free_rows:
             self._grow_rows()
-        row = min(self._free_rows)
-        self._extend(row, tokens, self._stamp)
+        return min(self._free_rows)
+
+    def _bind(self, seq, row):
         self._free_rows.discard(row)
         self._row_of[seq] = row
         self._seq_of[row] = seq
         self._stamp += 1
-        return 0
 
     def _extend(self, row, tokens, stamp):
         out = np.empty(tokens.shape[0], np.int64)
         while True:
             status = self._kernel("extend", _paged_extend, (
                 self._tables, self._lens, self._fill, self._tok, self._rowinfo,
-                self._state, self._meta, self.block_tokens, row, tokens, stamp,
-                out, self._info))
+                self._state, self._meta, self._px, self._arena, self.block_tokens,
+                row, tokens, stamp, out, self._info))
             if status != _S_GROW:
                 break
             self._grow_columns(int(self._info[0]))
@@ -2701,16 +3110,45 @@ class PagedKVCache:
 
     def extend(self, seq, tokens):
         """Append several tokens to one sequence (chunked prefill,
-        speculation), all-or-nothing; their int64 slot ids. O(tokens)."""
+        speculation), all-or-nothing; their int64 slot ids. A shared last
+        block is copied first. O(tokens)."""
         row = self._row(seq)
         return self._extend(row, self._ints(tokens, "tokens"), -1)
 
+    def fork(self, parent, child):
+        """A new sequence ``child`` sharing every block of ``parent`` (its
+        tokens and K/V, by reference); whichever appends first to a shared
+        last block copies it. Raises ``KeyError`` for an unknown parent or a
+        live child. One compiled call, O(blocks)."""
+        src = self._row(parent)
+        try:
+            live = child in self._row_of
+        except TypeError:
+            raise TypeError(f"sequence id {child!r} is not hashable") from None
+        if live:
+            raise KeyError(f"sequence {child!r} is already in the cache")
+        dst = self._new_row()
+        self._kernel("fork", _paged_fork, (self._tables, self._lens, self._rowinfo,
+                                           self._px, self.block_tokens, src, dst,
+                                           self._stamp))
+        self._bind(child, dst)
+
+    def reset_prefix_cache(self):
+        """Forget every cached hash: True, or False (refused, nothing
+        changed) while sequences are live. O(blocks)."""
+        if self._row_of:
+            return False
+        self._kernel("reset", _paged_reset, (self._px,))
+        return True
+
     def append(self, seqs, tokens):
         """The decode step: one new token per sequence (``seqs``: ids or a
-        ``SeqRows``), a new block for those whose last is full; returns the
-        int64 slot ids. All-or-nothing, or with ``preempt="newest"`` the
-        newest sequences are freed until the rest fit (slot -1 for those in
-        ``seqs``; reports with reason "preempt"). One compiled call, O(B)."""
+        ``SeqRows``), a new block for those whose last is full, a copy for
+        those whose last is shared; returns the int64 slot ids. Blocks that
+        fill become findable. All-or-nothing, or with ``preempt="newest"``
+        the newest sequences are freed until the rest fit (slot -1 for
+        those in ``seqs``; reports with reason "preempt"). One compiled
+        call, O(B)."""
         rows, gens, ids = self._rows(seqs)
         n = rows.shape[0]
         tokens = self._ints(tokens, "tokens", n)
@@ -2720,8 +3158,8 @@ class PagedKVCache:
         while True:
             fn = self._fn.get("append")
             args = (self._tables, self._lens, self._fill, self._tok,
-                    self._rowinfo, self._state, self._meta, self.block_tokens,
-                    rows, gens, tokens, self._preempt_flag, out,
+                    self._rowinfo, self._state, self._meta, self._px, self._arena,
+                    self.block_tokens, rows, gens, tokens, self._preempt_flag, out,
                     self._pre, info)
             status = fn(*args) if fn is not None else self._kernel(
                 "append", _paged_append, args)
@@ -2731,8 +3169,8 @@ class PagedKVCache:
         if status != OK:
             self._raise(status, ids, tokens)
         if info[2]:
-            pre = self._pre[:2 * int(info[2])].tolist()
-            reports = self._evicted(list(zip(pre[::2], pre[1::2])), "preempt")
+            pre = self._pre[:3 * int(info[2])].tolist()
+            reports = self._evicted(list(zip(pre[::3], pre[1::3], pre[2::3])), "preempt")
             if reports:
                 self._deliver(reports)
         return out
@@ -2742,16 +3180,19 @@ class PagedKVCache:
         self.remove_many([seq])
 
     def remove_many(self, seqs):
-        """Free several sequences' blocks, in order, each last block first;
+        """Drop several sequences' references, in order, each last block
+        first (a block no one else holds joins the free list's tail);
         all-or-nothing. One compiled call, O(B + blocks)."""
         rows, _, ids = self._rows(list(seqs) if type(seqs) is SeqRows else seqs)
         lengths = self._lens[rows].tolist() if self._listeners else None
+        freed = np.zeros(rows.shape[0], np.int64)
         status = self._kernel("remove", _paged_remove, (
             self._tables, self._lens, self._fill, self._rowinfo, self._state,
-            self._meta, self.block_tokens, rows, self._info))
+            self._meta, self._px, self.block_tokens, rows, freed, self._info))
         if status != OK:
             self._raise(status, ids)
-        reports = self._evicted(list(zip(rows.tolist(), lengths or [0] * len(ids))), "remove")
+        reports = self._evicted(list(zip(rows.tolist(), lengths or [0] * len(ids),
+                                         freed.tolist())), "remove")
         if reports:
             self._deliver(reports)
 
@@ -2807,14 +3248,20 @@ class PagedKVCache:
 
     def blocks_needed(self, seqs, n=1):
         """How many free blocks appending ``n`` tokens to each of ``seqs``
-        would take."""
+        would take, copies of shared last blocks included."""
         n = _as_int(n, "n")
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
         rows = self._rows(seqs)[0]
         lens = self._lens[rows].astype(np.int64)
         bt = self.block_tokens
-        return int((-(-(lens + n) // bt) - (-(-lens // bt))).sum())
+        need = int((-(-(lens + n) // bt) - (-(-lens // bt))).sum())
+        part = lens % bt != 0
+        if n and part.any():           # a shared partial last block: copies
+            ids, times = np.unique(self._tables[rows[part], lens[part] // bt],
+                                   return_counts=True)
+            need += int(np.minimum(times, self._blk[ids, B_REF] - 1).sum())
+        return need
 
     # K/V -------------------------------------------------------------------
 
@@ -2940,13 +3387,28 @@ class PagedKVCache:
         used = n - free
         lens = self._lens[self._lens >= 0]
         tokens = int(lens.sum())
-        unused = used * self.block_tokens - tokens
+        unused = used * self.block_tokens - int(self._fill.sum())
+        px, ref = self._px, self._blk[:, B_REF]
+        queries, hits = int(px[P_QUERIES]), int(px[P_HITS])
         return PagedStats(
             num_blocks=n, block_tokens=self.block_tokens, free_blocks=free,
             used_blocks=used, peak_used_blocks=self._pool.peak_used,
             sequences=len(self._row_of), tokens=tokens,
             preemptions=self._preemptions, unused_slots=unused,
-            fragmentation=unused / (used * self.block_tokens) if used else 0.0)
+            fragmentation=unused / (used * self.block_tokens) if used else 0.0,
+            prefix_requests=int(px[P_REQS]), prefix_queries=queries,
+            prefix_hits=hits, prefix_hit_rate=hits / queries if queries else 0.0,
+            cached_blocks=int(np.count_nonzero((self._blk[:, B_DEPTH] >= 0) & (ref == 0))),
+            shared_blocks=int(np.count_nonzero(ref > 1)),
+            cow_copies=int(px[P_COW]))
+
+    def _set_hash_mask(self, mask):
+        """Test hook: keep only the bits ``mask`` of every block hash (a weak
+        hash makes collisions; verification must keep them harmless). Only
+        before anything is cached."""
+        if np.any(self._blk[:, B_DEPTH] >= 0):
+            raise RuntimeError("set the hash mask before anything is cached")
+        self._px.view(np.uint64)[P_MASK] = mask
 
     def __repr__(self):
         return (f"PagedKVCache({len(self)} sequences, {self.num_blocks - self.free_blocks}"
@@ -2986,10 +3448,14 @@ def _audit_pool(pool):
               f"(meta of {meta.shape[0]} words, arena of "
               f"{pool.arena.shape[0]} bytes)")
 
-    # Counters in range: 0 <= head < total, 0 <= count <= bump <= total.
-    if not (0 <= head < total and 0 <= count <= bump <= total):
+    # Counters in range: 0 <= head < total (list mode: -1 <= head, tail <
+    # total), 0 <= count <= bump <= total.
+    listed = pool.ctr[C_LIST]
+    low = -1 if listed else 0
+    if not (low <= head < total and 0 <= count <= bump <= total and listed in (0, 1)
+            and (not listed or -1 <= pool.ctr[C_TAIL] < total)):
         _fail(f"pool counters out of range: head={head} count={count} "
-              f"bump={bump} total_blocks={total}")
+              f"bump={bump} total_blocks={total} list mode={listed}")
     used = bump - count
     if peak < used or peak > total:
         _fail(f"peak_used={peak} is not within [used_blocks={used}, {total}]")
@@ -3002,8 +3468,12 @@ def _audit_pool(pool):
     if np.any(state > LINK):
         _fail(f"unknown block state at {np.flatnonzero(state > LINK)[:8].tolist()}")
 
-    # The ring holds each FREE block exactly once, nothing else.
-    slots = ring[(head + np.arange(count)) % total]
+    # The ring (list mode: the linked list from head to tail) holds each
+    # FREE block exactly once, nothing else.
+    if listed:
+        slots = _free_list_ids(pool)
+    else:
+        slots = ring[(head + np.arange(count)) % total]
     if np.any((slots < 0) | (slots >= total)):
         _fail(f"free list holds out-of-range ids {slots[(slots < 0) | (slots >= total)][:8].tolist()}")
     if np.unique(slots).size != count:
@@ -3013,6 +3483,25 @@ def _audit_pool(pool):
     if np.count_nonzero(state == FREE) != count:
         _fail(f"{np.count_nonzero(state == FREE)} blocks are FREE but the "
               f"free list holds {count}")
+
+
+def _free_list_ids(pool):
+    """The ids of a list-mode free list, head to tail, its links checked."""
+    nxt, prev, total = pool.ring, pool.link, pool.total_blocks
+    ids = []
+    b, before = pool.head, -1
+    while b != -1:
+        if not 0 <= b < total or len(ids) > pool.count:
+            _fail(f"free list runs through {b} after {len(ids)} blocks "
+                  f"(count={pool.count})")
+        if prev[b] != before:
+            _fail(f"free block {b} links back to {prev[b]}, not {before}")
+        ids.append(b)
+        b, before = nxt[b], b
+    if before != pool.ctr[C_TAIL] or len(ids) != pool.count:
+        _fail(f"free list of {len(ids)} blocks ends at {before}, but tail="
+              f"{pool.ctr[C_TAIL]} count={pool.count}")
+    return np.array(ids, np.int64)
 
 
 def _audit(m):
@@ -3136,19 +3625,127 @@ def _audit_paged(c):
     held = tables[inside].astype(np.int64)
     if np.any((held < 0) | (held >= n)):
         _fail(f"tables hold out-of-range ids {held[(held < 0) | (held >= n)][:8].tolist()}")
-    ids, times = np.unique(held, return_counts=True)
-    if np.any(times > 1):
-        _fail(f"blocks {ids[times > 1][:8].tolist()} are in two places")
-    if not np.array_equal(ids, np.flatnonzero(state == HELD)):
-        _fail(f"HELD blocks {np.setxor1d(ids, np.flatnonzero(state == HELD))[:8].tolist()} "
-              "are not in exactly one table")
-    expect = np.zeros(n, np.int64)
+    # Reference counts: each block's count is the number of table entries
+    # holding it (no table holds a block twice); HELD exactly when counted,
+    # so no block is both free and held.
+    px, blk = c._px, c._blk
+    cap = int(px[P_CAP])
+    if (px[P_N] != n or cap < 2 * n or cap & (cap - 1)
+            or px.shape[0] != _P_HEAD + _B_COLS * n + 2 * cap
+            or not np.shares_memory(blk, px) or blk.shape != (n, _B_COLS)):
+        _fail(f"prefix state does not describe {n} blocks (capacity {cap})")
+    if not pool.ctr[C_LIST]:
+        _fail("the paged cache's free list is not in list mode")
+    ref = blk[:, B_REF]
+    counted = np.bincount(held, minlength=n)
+    if not np.array_equal(counted, ref):
+        _fail(f"reference counts {ref[counted != ref][:8].tolist()} of blocks "
+              f"{np.flatnonzero(counted != ref)[:8].tolist()} != the tables holding "
+              f"them {counted[counted != ref][:8].tolist()}")
     r_idx, c_idx = np.nonzero(inside)
-    expect[tables[r_idx, c_idx]] = np.minimum(bt, lens[r_idx].astype(np.int64) - c_idx * bt)
-    if not np.array_equal(expect, c._fill):
+    if np.unique(tables[r_idx, c_idx].astype(np.int64) * rows + r_idx).size != held.size:
+        _fail("a table holds a block twice")
+    if not np.array_equal(np.flatnonzero(ref > 0), np.flatnonzero(state == HELD)):
+        _fail(f"HELD blocks {np.setxor1d(np.flatnonzero(ref > 0), np.flatnonzero(state == HELD))[:8].tolist()} "
+              "are not exactly the blocks tables hold")
+    # Each block's fill is its reserved slots, the same for every holder
+    # (a shared partial block is the same tokens of forked sequences).
+    expect = np.zeros(n, np.int64)
+    want = np.minimum(bt, lens[r_idx].astype(np.int64) - c_idx * bt)
+    expect[tables[r_idx, c_idx]] = want
+    if not np.array_equal(expect[tables[r_idx, c_idx]], want) or not np.array_equal(
+            expect, c._fill):
         _fail(f"reserved slots per block disagree at blocks "
               f"{np.flatnonzero(expect != c._fill)[:8].tolist()}")
+
+    _audit_prefix(c, tables, r_idx, c_idx)
 
     # Counters.
     if c._preemptions < 0 or c._stamp < len(c._row_of):
         _fail(f"counters: preemptions={c._preemptions} stamp={c._stamp}")
+    px = c._px
+    if (min(px[P_REQS], px[P_QUERIES], px[P_HITS], px[P_COW]) < 0
+            or px[P_HITS] > px[P_QUERIES] or px[P_HITS] % bt
+            or px[P_ON] != c.prefix_caching):
+        _fail(f"prefix counters: requests={px[P_REQS]} queries={px[P_QUERIES]} "
+              f"hits={px[P_HITS]} copies={px[P_COW]} on={px[P_ON]}")
+
+
+def _audit_prefix(c, tables, r_idx, c_idx):
+    """Every findable hash leads to blocks whose stored tokens and parent
+    chain hash to it; classes are content-pure; the table is well formed."""
+    px, blk, bt, tok = c._px, c._blk, c.block_tokens, c._tok
+    blku = px.view(np.uint64)[_P_HEAD:_P_HEAD + _B_COLS * c.num_blocks].reshape(blk.shape)
+    keys, vals = _px_parts(px)[2:]
+    mask = int(px.view(np.uint64)[P_MASK])
+    depth = blk[:, B_DEPTH]
+    found = np.flatnonzero(depth >= 0)
+    if np.any(depth < -1):
+        _fail(f"depths below -1 at blocks {np.flatnonzero(depth < -1)[:8].tolist()}")
+    if found.size and not c.prefix_caching:
+        _fail(f"blocks {found[:8].tolist()} are findable with prefix caching off")
+    if np.any(c._state[found] == NEVER) or np.any(
+            (c._fill[found] != bt) & (blk[found, B_REF] > 0)):
+        _fail("a findable block was never handed out or is not full")
+
+    # Each findable block's hash is its stored tokens after its parent hash
+    # (the root's for depth 0).
+    for b in found.tolist():
+        ph = int(blku[b, B_PHASH])
+        if depth[b] == 0 and ph != _ROOT_HASH:
+            _fail(f"block {b} at depth 0 has parent hash {ph:#x}, not the root's")
+        h = ph
+        for t in tok[b * bt:(b + 1) * bt].tolist():
+            h = _mix(h, t)
+        if h & mask != int(blku[b, B_HASH]):
+            _fail(f"block {b}: its stored tokens and parent hash do not hash to "
+                  f"{int(blku[b, B_HASH]):#x}")
+
+    # The table: one entry per hash, reachable by probing, naming the oldest
+    # block of a list that holds exactly the findable blocks of that hash,
+    # all of one depth, parent hash and tokens; a parent class (depth - 1)
+    # lives for every class below the root.
+    listed = []
+    heads = {}
+    for i in np.flatnonzero(vals >= 0).tolist():
+        h, head = keys[i], int(vals[i])
+        if _h_slot(keys, vals, h) != i:
+            _fail(f"table slot {i} (hash {int(h):#x}) is not reachable by probing")
+        if not 0 <= head < c.num_blocks or depth[head] < 0 or blku[head, B_HASH] != h:
+            _fail(f"table slot {i} names block {head}, not a findable block of its hash")
+        heads[int(h)] = head
+        members = [head]
+        b = int(blk[head, B_NEXT])
+        while b != -1:
+            if len(members) > found.size or blk[b, B_PREV] != members[-1]:
+                _fail(f"the list of hash {int(h):#x} is broken at block {b}")
+            members.append(b)
+            b = int(blk[b, B_NEXT])
+        if blk[head, B_PREV] != members[-1]:
+            _fail(f"the list of hash {int(h):#x} does not record its tail")
+        for b in members[1:]:
+            if (blku[b, B_HASH] != h or depth[b] != depth[head]
+                    or blku[b, B_PHASH] != blku[head, B_PHASH]
+                    or not np.array_equal(tok[b * bt:(b + 1) * bt],
+                                          tok[head * bt:(head + 1) * bt])):
+                _fail(f"block {b} is listed with block {head} but differs")
+        listed += members
+    if sorted(listed) != found.tolist():
+        _fail(f"findable blocks {np.setxor1d(listed, found)[:8].tolist()} are not "
+              "listed exactly once")
+    for b in found.tolist():
+        if depth[b] > 0:
+            parent = heads.get(int(blku[b, B_PHASH]))
+            if parent is None or depth[parent] != depth[b] - 1:
+                _fail(f"block {b}: no findable parent class at depth {depth[b] - 1}")
+
+    # In the tables: a findable block sits at its depth, after a findable
+    # block of its parent hash.
+    held = tables[r_idx, c_idx].astype(np.int64)
+    at = depth[held] >= 0
+    if np.any(depth[held[at]] != c_idx[at]):
+        _fail("a findable block sits in a table at another depth than its own")
+    for r, j, b in zip(r_idx[at].tolist(), c_idx[at].tolist(), held[at].tolist()):
+        if j and (depth[tables[r, j - 1]] < 0
+                  or blku[tables[r, j - 1], B_HASH] != blku[b, B_PHASH]):
+            _fail(f"row {r}: block {b} follows a block that is not its parent")
