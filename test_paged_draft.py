@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st, HealthCheck
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
@@ -35,9 +35,14 @@ def reference_attention(kv, table, length, bt, layer, q, scale):
 
 
 def free_list(c):
-    """The pool's free block ids, oldest first."""
+    """The free list in hand-out order: never-used ids, then the linked list."""
     p = c._pool
-    return p.ring[(p.head + np.arange(p.count)) % p.total_blocks].tolist()
+    ids = list(range(p.bump, p.total_blocks))
+    b = p.head
+    while b != -1:
+        ids.append(int(b))
+        b = p.ring[b]
+    return ids
 
 
 def snapshot(c):
@@ -51,7 +56,7 @@ def snapshot(c):
         seqs[s] = (L, c._tables[r, :nb].tolist(), int(c._rowinfo[r, 1]),
                    c._tok[c.slots(s)].tolist())
     return (seqs, list(c), free_list(c), p.ctr.tolist(), c.stats, c._stamp, c.kv.tobytes(),
-            c._state.tobytes(), c._fill.tobytes())
+            c._state.tobytes(), c._fill.tobytes(), c._px.tobytes())
 
 
 def small(**kw):
@@ -64,67 +69,181 @@ def small(**kw):
 # -- the state machine -----------------------------------------------------------
 
 class Model:
-    """Pure-Python prediction: a FIFO free list with a bump counter, tables
-    as lists, tokens, the newest-first preemption, and the stored bytes."""
+    """Pure-Python prediction of vLLM v1's rules: a free queue of every
+    block in id order, new blocks from its front, a removed sequence's
+    blocks to its back last block first, reference counts, copy-on-write,
+    and a prefix cache keyed by exact content (parent key, tokens), so no
+    collision is possible here; a lookup takes the oldest block of a key.
+    Also the newest-first preemption and the stored bytes."""
 
-    def __init__(self, n, bt, shape, dtype):
-        self.n, self.bt = n, bt
-        self.free = collections.deque()
-        self.bump = 0
+    def __init__(self, n, bt, shape, dtype, prefix=True):
+        self.n, self.bt, self.prefix = n, bt, prefix
+        self.free = list(range(n))
+        self.ref = [0] * n
+        self.key = [None] * n           # the findable content key of a block
+        self.cache = {}                 # key -> blocks, oldest first
+        self.fill = [0] * n
+        self.tok = [0] * (n * bt)
         self.peak = 0
         self.seqs = {}                  # seq -> [tokens, table, stamp]
         self.stamp = 0
         self.preemptions = 0
+        self.queries = self.hits = self.requests = self.copies = 0
         self.kv = np.zeros(shape, dtype)
 
     def nfree(self):
-        return len(self.free) + self.n - self.bump
+        return len(self.free)
+
+    def used(self):
+        return self.n - len(self.free)
 
     def take(self):
-        if self.free:
-            b = self.free.popleft()
-        else:
-            b = self.bump
-            self.bump += 1
-        self.peak = max(self.peak, self.bump - len(self.free))
+        b = self.free.pop(0)
+        k = self.key[b]
+        if k is not None:
+            self.cache[k].remove(b)
+            if not self.cache[k]:
+                del self.cache[k]
+            self.key[b] = None
+        self.ref[b] = 1
         return b
+
+    def register(self, table, j):
+        """Block ``table[j]`` just filled."""
+        if not self.prefix:
+            return
+        b = table[j]
+        parent = None if j == 0 else self.key[table[j - 1]]
+        if j and parent is None:
+            return
+        k = (parent, tuple(self.tok[b * self.bt:(b + 1) * self.bt]))
+        self.cache.setdefault(k, []).append(b)
+        self.key[b] = k
+
+    def lookup(self, tokens):
+        found, parent = [], None
+        for j in range((len(tokens) - 1) // self.bt):
+            k = (parent, tuple(tokens[j * self.bt:(j + 1) * self.bt]))
+            if k not in self.cache:
+                break
+            found.append(self.cache[k][0])
+            parent = k
+        return found
 
     def release(self, seq):
         tokens, table, _ = self.seqs.pop(seq)
-        self.free.extend(reversed(table))
-        return len(tokens)
+        freed = 0
+        for b in reversed(table):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self.free.append(b)
+                self.fill[b] = 0
+                freed += 1
+        return len(tokens), freed
 
     def need(self, length, extra):
         return -(-(length + extra) // self.bt) - (-(-length // self.bt))
 
-    def extend(self, seq, toks):
+    def append_need(self, seqs):
+        """Blocks that one token for each of ``seqs`` takes, in order."""
+        need, dropped = 0, collections.Counter()
+        for s in seqs:
+            tokens, table, _ = self.seqs[s]
+            if len(tokens) % self.bt == 0:
+                need += 1
+            else:
+                b = table[-1]
+                if self.ref[b] - dropped[b] > 1:
+                    need += 1
+                    dropped[b] += 1
+        return need
+
+    def cow(self, seq):
+        """Copy the sequence's shared last block before writing to it."""
         tokens, table, _ = self.seqs[seq]
-        for _ in range(self.need(len(tokens), len(toks))):
+        b = table[-1]
+        if len(tokens) % self.bt and self.ref[b] > 1:
+            c = self.take()
+            self.kv[c] = self.kv[b]
+            bt = self.bt
+            self.tok[c * bt:(c + 1) * bt] = self.tok[b * bt:(b + 1) * bt]
+            self.fill[c] = self.fill[b]
+            self.ref[b] -= 1
+            table[-1] = c
+            self.copies += 1
+
+    def extend(self, seq, toks, skip=0):
+        tokens, table, _ = self.seqs[seq]
+        if toks and table:
+            self.cow(seq)
+        for _ in range(self.need(len(tokens), len(toks)) - (skip // self.bt)):
             table.append(self.take())
         slots = []
-        for t in toks:
+        for i, t in enumerate(toks):
             p = len(tokens)
             tokens.append(t)
-            slots.append(table[p // self.bt] * self.bt + p % self.bt)
+            b = table[p // self.bt]
+            slots.append(b * self.bt + p % self.bt)
+            if i < skip:
+                continue
+            self.tok[slots[-1]] = t
+            self.fill[b] = p % self.bt + 1
+            if p % self.bt == self.bt - 1:
+                self.register(table, p // self.bt)
+        self.peak = max(self.peak, self.used())
         return slots
+
+    def add(self, seq, tokens):
+        """The covered token count, or None when the pool is short."""
+        found = self.lookup(tokens) if self.prefix else []
+        revive = sum(1 for b in found if self.ref[b] == 0)
+        if self.need(0, len(tokens)) - len(found) > self.nfree() - revive:
+            return None
+        for b in found:
+            if self.ref[b] == 0:
+                self.free.remove(b)
+                self.fill[b] = self.bt
+            self.ref[b] += 1
+        self.seqs[seq] = [[], list(found), self.stamp]
+        self.stamp += 1
+        covered = len(found) * self.bt
+        self.extend(seq, list(tokens), covered)
+        if self.prefix:
+            self.requests += 1
+            self.queries += len(tokens)
+            self.hits += covered
+        return covered
+
+    def fork(self, parent, child):
+        tokens, table, _ = self.seqs[parent]
+        for b in table:
+            self.ref[b] += 1
+        self.seqs[child] = [list(tokens), list(table), self.stamp]
+        self.stamp += 1
 
 
 SEQS = st.sampled_from(["a", "b", "c", "d", "e", 5, 6])
-TOKENS = st.lists(st.integers(0, 2 ** 40), min_size=1, max_size=9)
+PROMPTS = ([7, 7, 7, 7, 7, 7, 7, 7], [7, 7, 7, 7, 1, 2, 3, 4], [5, 6, 5, 6, 5, 6])
+# prompts: a shared start (or none, or huge ids) and a short tail from a
+# small alphabet, so that prefixes repeat and blocks get shared
+TOKENS = st.one_of(
+    st.tuples(st.sampled_from(PROMPTS), st.integers(0, 8),
+              st.lists(st.integers(0, 2), max_size=4)).map(lambda t: t[0][:t[1]] + t[2]),
+    st.lists(st.integers(0, 2 ** 40), max_size=9),
+).filter(len)
 
 
 class PagedMachine(RuleBasedStateMachine):
 
     @initialize(preempt=st.sampled_from(["none", "newest"]),
                 dtype=st.sampled_from([np.float16, np.float32]),
-                bt=st.sampled_from([1, 2, 4]))
-    def setup(self, preempt, dtype, bt):
+                bt=st.sampled_from([1, 2, 4]), prefix=st.booleans())
+    def setup(self, preempt, dtype, bt, prefix):
         self.reports = []
         self.c = PagedKVCache(10, bt, layers=2, kv_heads=2, head_dim=2,
                               dtype=dtype, preempt=preempt,
-                              on_evict=self.reports.append)
-        self.m = Model(10, bt, self.c.kv.shape, self.c.dtype)
-        self.handle = None
+                              on_evict=self.reports.append, prefix_caching=prefix)
+        self.m = Model(10, bt, self.c.kv.shape, self.c.dtype, prefix)
         self.rng = np.random.default_rng(0)
 
     def seq_list(self, data, min_size=0):
@@ -139,59 +258,96 @@ class PagedMachine(RuleBasedStateMachine):
             with pytest.raises(KeyError):
                 self.c.add(seq, tokens)
             return
-        if m.need(0, len(tokens)) > m.nfree():
+        before = self.c.stats
+        expect = m.add(seq, tokens)
+        if expect is None:
             with pytest.raises(PoolExhaustedError):
                 self.c.add(seq, tokens)
+            assert self.c.stats == before
             return
-        assert self.c.add(seq, tokens) == 0
-        m.seqs[seq] = [[], [], m.stamp]
-        m.stamp += 1
-        m.extend(seq, tokens)
+        assert self.c.add(seq, tokens) == expect
+        event(f"add covers {'some' if expect else 'no'} tokens")
+
+    @precondition(lambda self: self.m.seqs)
+    @rule(data=st.data(), child=SEQS)
+    def fork(self, data, child):
+        parent = data.draw(st.sampled_from(sorted(self.m.seqs, key=str)))
+        if child in self.m.seqs:
+            with pytest.raises(KeyError):
+                self.c.fork(parent, child)
+            return
+        self.c.fork(parent, child)
+        self.m.fork(parent, child)
+        then = data.draw(st.integers(0, 2))    # then write: copies
+        if then == 1:
+            self.extend_one(data.draw(st.sampled_from([parent, child])), [3])
+        elif then == 2:
+            self.append_seqs(data.draw(st.permutations([parent, child])), False)
+
+    @rule()
+    def reset_prefix_cache(self):
+        m = self.m
+        done = self.c.reset_prefix_cache()
+        assert done == (not m.seqs)
+        if done:
+            m.cache.clear()
+            m.key = [None] * m.n
 
     @precondition(lambda self: self.m.seqs)
     @rule(data=st.data(), tokens=st.lists(st.integers(0, 99), max_size=6))
     def extend(self, data, tokens):
-        seq = data.draw(st.sampled_from(sorted(self.m.seqs, key=str)))
+        self.extend_one(data.draw(st.sampled_from(sorted(self.m.seqs, key=str))), tokens)
+
+    def extend_one(self, seq, tokens):
         m = self.m
-        if m.need(len(m.seqs[seq][0]), len(tokens)) > m.nfree():
+        tokens_, table, _ = m.seqs[seq]
+        cow = int(bool(tokens) and len(tokens_) % m.bt and m.ref[table[-1]] > 1)
+        if m.need(len(tokens_), len(tokens)) + cow > m.nfree():
             with pytest.raises(PoolExhaustedError):
                 self.c.extend(seq, tokens)
             return
+        assert self.c.blocks_needed([seq], len(tokens)) == m.need(len(tokens_), len(tokens)) + cow
         assert self.c.extend(seq, tokens).tolist() == m.extend(seq, tokens)
+        event("extend copies a shared block" if cow else "extend, no copy")
 
     @rule(data=st.data(), use_rows=st.booleans())
     def append(self, data, use_rows):
+        self.append_seqs(self.seq_list(data), use_rows)
+
+    def append_seqs(self, seqs, use_rows):
         m = self.m
-        seqs = self.seq_list(data)
         tokens = [len(s) if isinstance(s, str) else s for s in seqs]
         arg = self.c.rows(seqs) if use_rows else seqs
-        need = sum(m.need(len(m.seqs[s][0]), 1) for s in seqs)
+        need = m.append_need(seqs)
+        assert self.c.blocks_needed(arg) == need
         if need > m.nfree() and self.c.preempt == "none":
             with pytest.raises(PoolExhaustedError):
                 self.c.append(arg, tokens)
             return
-        gone = set()
+        gone = {}
         before = len(self.reports)
         while need > m.nfree():                 # newest first
             newest = max(m.seqs, key=lambda s: m.seqs[s][2])
-            length = m.release(newest)
-            gone.add(newest)
+            gone[newest] = m.release(newest)
             m.preemptions += 1
-            need = sum(m.need(len(m.seqs[s][0]), 1) for s in seqs if s not in gone)
-        expect = [-1 if s in gone else m.extend(s, [t])[0] for s, t in zip(seqs, tokens)]
+            need = m.append_need([s for s in seqs if s not in gone])
+        expect = []
+        for s, t in zip(seqs, tokens):
+            expect.append(-1 if s in gone else m.extend(s, [t])[0])
+        copies = m.copies
         assert self.c.append(arg, tokens).tolist() == expect
-        got = [(r.seq, r.reason) for r in self.reports[before:]]
-        assert sorted(got, key=str) == sorted(((s, "preempt") for s in gone), key=str)
+        event("append copies a shared block" if m.copies > copies else "append, no copy")
+        got = [(r.seq, r.reason, r.length, r.blocks_freed) for r in self.reports[before:]]
+        assert got == [(s, "preempt") + gone[s] for s in gone]
 
     @rule(data=st.data())
     def remove_many(self, data):
         seqs = self.seq_list(data)
         before = len(self.reports)
         self.c.remove_many(seqs)
-        for s in seqs:
-            self.m.release(s)
-        assert [(r.seq, r.reason) for r in self.reports[before:]] == [
-            (s, "remove") for s in seqs]
+        expect = [(s, "remove") + self.m.release(s) for s in seqs]
+        assert [(r.seq, r.reason, r.length, r.blocks_freed)
+                for r in self.reports[before:]] == expect
 
     @precondition(lambda self: self.m.seqs)
     @rule(data=st.data(), layer=st.integers(0, 1))
@@ -247,12 +403,18 @@ class PagedMachine(RuleBasedStateMachine):
             assert c.length(s) == len(tokens)
             assert c._tok[c.slots(s)].tolist() == tokens
         st_ = c.stats
-        used = m.bump - len(m.free)
+        used = m.used()
         assert (st_.free_blocks, st_.used_blocks, st_.peak_used_blocks, st_.preemptions,
                 st_.tokens) == (m.nfree(), used, m.peak, m.preemptions,
                                 sum(len(t[0]) for t in m.seqs.values()))
-        assert st_.unused_slots == used * m.bt - st_.tokens
-        assert free_list(c) == list(m.free)
+        assert st_.unused_slots == used * m.bt - sum(m.fill)
+        assert (st_.prefix_requests, st_.prefix_queries, st_.prefix_hits, st_.cow_copies) == (
+            m.requests, m.queries, m.hits, m.copies)
+        assert st_.cached_blocks == sum(1 for b in range(m.n)
+                                        if m.key[b] is not None and m.ref[b] == 0)
+        assert st_.shared_blocks == sum(1 for r in m.ref if r > 1)
+        assert c._blk[:, kvpool.B_REF].tolist() == m.ref
+        assert free_list(c) == m.free
         assert np.array_equal(c.kv.view(np.uint8), m.kv.view(np.uint8))
 
 
@@ -312,7 +474,8 @@ def test_float16_is_stored_converted_not_reinterpreted():
 
 def test_preemption_frees_newest_first_and_reports():
     reports = []
-    c = small(num_blocks=6, block_tokens=2, preempt="newest", on_evict=reports.append)
+    c = small(num_blocks=6, block_tokens=2, preempt="newest", on_evict=reports.append,
+              prefix_caching=False)
     for name in "abc":
         c.add(name, [1, 2])                    # 3 full blocks
     c.add("d", [1, 2, 3, 4, 5, 6])             # 3 more: the pool is full
@@ -541,7 +704,7 @@ def test_audit_notices(name):
 # -- misc ---------------------------------------------------------------------------
 
 def test_blocks_needed_and_stats():
-    c = small(num_blocks=20, block_tokens=4)
+    c = small(num_blocks=20, block_tokens=4, prefix_caching=False)
     c.add("a", [1] * 4)
     c.add("b", [1] * 5)
     assert c.blocks_needed(["a", "b"]) == 1
