@@ -425,6 +425,189 @@ PagedMachine.TestCase.settings = settings(
 TestPaged = PagedMachine.TestCase
 
 
+# -- sharing: fork, copy-on-write, the prefix cache ---------------------------------
+
+def test_fork_shares_then_copies_on_write():
+    c = small(num_blocks=40, block_tokens=4)
+    c.add("p", list(range(10)))                   # 3 blocks, the last partial
+    c.store(0, c.slots("p"), np.ones((10, 2, 4)), np.full((10, 2, 4), 2.0))
+    for i in range(3):
+        c.fork("p", i)
+    assert c.stats.used_blocks == 3 and c.stats.shared_blocks == 3
+    assert c._blk[c._tables[c._row_of["p"], :3], kvpool.B_REF].tolist() == [4, 4, 4]
+    slots = c.append(["p", 0, 1, 2], [7, 7, 7, 7])    # 3 copies; the last keeps it
+    assert c.stats.cow_copies == 3 and c.stats.used_blocks == 6
+    assert len({s // 4 for s in slots.tolist()}) == 4
+    for s in ["p", 0, 1, 2]:
+        k, v, _ = c.gather(0, [s])
+        assert np.all(k[0, :10] == 1) and np.all(v[0, :10] == 2)   # copied bytes
+        assert c._tok[c.slots(s)].tolist() == list(range(10)) + [7]
+    c.check_invariants()
+    c.remove_many(["p", 0, 1, 2])
+    assert c.stats.used_blocks == 0 and c.stats.cached_blocks == 2    # the full ones
+    c.check_invariants()
+
+
+def test_prefix_hits_cover_whole_blocks_short_of_the_last_token():
+    c = small(num_blocks=40, block_tokens=4)
+    assert c.add("a", list(range(8))) == 0
+    assert c.add("b", list(range(8))) == 4         # the last token is computed
+    assert c.add("c", list(range(9))) == 8
+    assert c.add("d", list(range(3)) + [9] * 6) == 0
+    assert c._tables[c._row_of["c"], :2].tolist() == c._tables[c._row_of["a"], :2].tolist()
+    s = c.stats
+    assert (s.prefix_requests, s.prefix_queries, s.prefix_hits) == (4, 34, 12)
+    assert s.prefix_hit_rate == pytest.approx(12 / 34)
+    c.append(["d"], [1])                            # a decode step fills a block:
+    c.extend("d", [1, 1, 1])                        # findable at once
+    assert c.add("e", list(range(3)) + [9] * 6 + [1] * 4 + [5]) == 12
+    c.check_invariants()
+
+
+def test_freed_blocks_stay_findable_until_handed_out():
+    c = small(num_blocks=4, block_tokens=2)
+    c.add("a", [1, 2, 3, 4, 5])                     # blocks 0, 1, 2
+    c.remove("a")                                   # free list: 3, then 2, 1, 0
+    assert free_list(c) == [3, 2, 1, 0] and c.stats.cached_blocks == 2
+    assert c.add("b", [1, 2, 3, 4, 9]) == 4         # takes 0, 1 from the back
+    assert free_list(c) == [2]                      # 3 was handed out
+    assert c.stats.cached_blocks == 0
+    c.remove("b")
+    assert free_list(c) == [2, 3, 1, 0] and c.stats.cached_blocks == 2
+    c.add("c", [8] * 6)                             # takes 2, 3, 1: evicts 1
+    assert c.stats.cached_blocks == 1
+    c.remove("c")
+    assert c.add("d", [1, 2, 3, 4, 5]) == 2         # block 0 still found, 1 not
+    c.remove("d")
+    c.add("e", [8] * 8)                             # every block: all evicted
+    c.remove("e")                                   # (e's own 4 now cached)
+    assert c.stats.cached_blocks == 4 and c.add("f", [1, 2, 3]) == 0
+    c.remove("f")                                   # f took e's tail blocks,
+    assert c.add("g", [8] * 7) == 4                 # its prefix outlived them
+    c.check_invariants()
+
+
+def test_reset_prefix_cache_refused_while_live():
+    c = small(num_blocks=10, block_tokens=2)
+    c.add("a", [1, 2, 3])
+    before = snapshot(c)
+    assert c.reset_prefix_cache() is False and snapshot(c) == before
+    c.remove("a")
+    assert c.stats.cached_blocks == 1
+    assert c.reset_prefix_cache() is True
+    assert c.stats.cached_blocks == 0 and c.add("b", [1, 2, 3]) == 0
+    c.check_invariants()
+
+
+def test_prefix_caching_off_shares_nothing():
+    c = small(num_blocks=10, block_tokens=2, prefix_caching=False)
+    c.add("a", [1, 2, 3])
+    assert c.add("b", [1, 2, 3]) == 0 and c.stats.prefix_queries == 0
+    assert c.stats.cached_blocks == 0 and c.stats.shared_blocks == 0
+    with pytest.raises(TypeError):
+        small(prefix_caching=1)
+    c.check_invariants()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2 ** 32 - 1), bits=st.sampled_from([0, 1, 3]),
+       bt=st.sampled_from([1, 2, 3]))
+def test_hash_collisions_never_share_wrong_blocks(seed, bits, bt):
+    """With a hash of 0-2 bits nearly every block collides; every hit must
+    still be the prompt's own tokens after its own prefix. A strong-hash
+    cache beside it gives the exact-key model's hits."""
+    rng = np.random.default_rng(seed)
+    weak = small(num_blocks=30, block_tokens=bt)
+    weak._set_hash_mask(bits)
+    strong = small(num_blocks=30, block_tokens=bt)
+    m = Model(30, bt, weak.kv.shape, weak.dtype)
+    hits = 0
+    for step in range(60):
+        live = list(weak)
+        if live and (rng.random() < 0.4 or weak.free_blocks < 8):
+            s = live[rng.integers(len(live))]
+            weak.remove(s)
+            strong.remove(s)
+            m.release(s)
+            continue
+        base = [[1, 2, 1, 2, 1, 2], [2, 1, 2, 1], [1, 1, 1, 1, 1]][rng.integers(3)]
+        tokens = base[:rng.integers(1, len(base) + 1)] + rng.integers(0, 3, rng.integers(0, 4)).tolist()
+        covered = weak.add(step, tokens)
+        assert strong.add(step, tokens) == m.add(step, tokens)   # strong: exact
+        assert covered % bt == 0 and covered < len(tokens)
+        assert weak._tok[weak.slots(step)].tolist() == tokens
+        hits += covered
+        # every shared block of the weak cache holds this prompt's tokens
+        # after the same prefix: its holders agree on all tokens before it
+        table = weak._tables[weak._row_of[step]]
+        for other in weak:
+            ot = weak._tables[weak._row_of[other]]
+            for j in range(covered // bt):
+                if table[j] in ot[:j + 1].tolist():
+                    assert ot[j] == table[j]
+                    n = (j + 1) * bt
+                    assert weak._tok[weak.slots(other, 0, n)].tolist() == tokens[:n]
+        weak.check_invariants()
+        strong.check_invariants()
+    assert weak.stats.prefix_hits == hits
+
+
+def test_collision_is_rejected_by_verification():
+    c = small(num_blocks=10, block_tokens=2)
+    c._set_hash_mask(0)                             # every block hashes to 0
+    c.add("a", [1, 2, 3])
+    assert c.add("b", [5, 6, 3]) == 0               # same hash, other tokens
+    assert c.add("c", [1, 2, 1, 2, 3]) == 2         # block 1: collides with 0
+    assert c.stats.prefix_hits == 2
+    assert c.add("d", [1, 2, 1, 2, 3]) == 2         # c's second block stayed unfindable
+    c.check_invariants()
+
+
+def test_differential_against_vllm_rules():
+    """Random traces of add / append / fork / remove on a tight pool: the
+    same hits, block ids and free list as the exact-key model at every step."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        bt = int(rng.integers(1, 5))
+        c = small(num_blocks=48, block_tokens=bt)
+        m = Model(48, bt, c.kv.shape, c.dtype)
+        prompts = [rng.integers(0, 4, int(rng.integers(4, 30))).tolist() for _ in range(4)]
+        for step in range(300):
+            live = sorted(m.seqs)
+            u = rng.random()
+            if live and (u < 0.25 or m.nfree() < 12):
+                s = live[rng.integers(len(live))]
+                c.remove(s)
+                m.release(s)
+            elif live and u < 0.35:
+                s = live[rng.integers(len(live))]
+                c.fork(s, step)
+                m.fork(s, step)
+            elif live and u < 0.7:
+                seqs = [live[i] for i in rng.permutation(len(live))[:4]]
+                toks = rng.integers(0, 4, len(seqs)).tolist()
+                assert c.blocks_needed(seqs) == m.append_need(seqs)
+                if m.append_need(seqs) <= m.nfree():
+                    got = c.append(seqs, toks).tolist()
+                    assert got == [m.extend(s, [t])[0] for s, t in zip(seqs, toks)]
+            else:
+                p = prompts[rng.integers(4)]
+                tokens = p[:int(rng.integers(1, len(p) + 1))] + rng.integers(
+                    0, 4, int(rng.integers(0, 5))).tolist()
+                expect = m.add(step, tokens)
+                if expect is None:
+                    with pytest.raises(PoolExhaustedError):
+                        c.add(step, tokens)
+                else:
+                    assert c.add(step, tokens) == expect
+            assert c.stats.prefix_hits == m.hits
+            assert free_list(c) == m.free
+        c.check_invariants()
+        for s, (tokens, table, _) in m.seqs.items():
+            assert c._tables[c._row_of[s], :len(table)].tolist() == table
+        assert m.hits > 0 and m.copies > 0
+
+
 # -- attention against numpy -----------------------------------------------------
 
 @settings(max_examples=25, deadline=None)
@@ -690,6 +873,17 @@ CORRUPTIONS = {
     "stamps": lambda c: c._rowinfo.__setitem__((c._row_of["a"], kvpool.R_ADDED),
                                                c._rowinfo[c._row_of["c"], kvpool.R_ADDED]),
     "unknown state": lambda c: c._state.__setitem__(0, 7),
+    "reference count": lambda c: c._blk.__setitem__(
+        (c._tables[c._row_of["a"], 0], kvpool.B_REF), 2),
+    "cached tokens changed": lambda c: c._tok.__setitem__(c._tables[c._row_of["a"], 0] * 4, 9),
+    "hash changed": lambda c: c._blk.__setitem__(
+        (c._tables[c._row_of["c"], 1], kvpool.B_HASH), 5),
+    "depth changed": lambda c: c._blk.__setitem__(
+        (c._tables[c._row_of["c"], 1], kvpool.B_DEPTH), 0),
+    "findable but unlisted": lambda c: c._blk.__setitem__(
+        (c._tables[c._row_of["c"], 2], kvpool.B_DEPTH), 2),
+    "free list link": lambda c: c._pool.link.__setitem__(c._pool.ctr[kvpool.C_TAIL], 5),
+    "prefix counters": lambda c: c._px.__setitem__(kvpool.P_HITS, 10 ** 6),
 }
 
 
