@@ -363,9 +363,293 @@ def case_paged_serving(quick=False):
              out["kv"][0] / kv, out["peer"][0] / peer, peer / kv)]
 
 
+# -- 5: shared-prefix trace ----------------------------------------------------------
+
+class PBlock:
+    __slots__ = ("id", "prev", "next", "ref_cnt", "block_hash")
+
+    def __init__(self, i):
+        self.id, self.prev, self.next, self.ref_cnt, self.block_hash = i, None, None, 0, None
+
+
+class PrefixPeer:
+    """vLLM v1's prefix-caching block pool in pure Python: block objects in a
+    doubly linked free queue (remove from the middle on a hit), a map of
+    hash -> {block id: block} (oldest first), a chained Python hash of the
+    parent hash and each full block's tokens, reference counts, newest-first
+    preemption."""
+
+    def __init__(self, num_blocks, bt):
+        self.blocks = [PBlock(i) for i in range(num_blocks)]
+        self.head, self.tail = PBlock(-1), PBlock(-1)
+        prev = self.head
+        for b in self.blocks:
+            prev.next, b.prev = b, prev
+            prev = b
+        prev.next, self.tail.prev = self.tail, prev
+        self.nfree = num_blocks
+        self.cached = {}
+        self.bt = bt
+        self.reqs = {}                 # rid -> [blocks, tokens, order]
+        self.order = 0
+
+    def _remove(self, b):
+        b.prev.next, b.next.prev = b.next, b.prev
+        b.prev = b.next = None
+        self.nfree -= 1
+
+    def _push(self, b):
+        last = self.tail.prev
+        last.next, b.prev, b.next, self.tail.prev = b, last, self.tail, b
+        self.nfree += 1
+
+    def _new_block(self):
+        b = self.head.next
+        self._remove(b)
+        if b.block_hash is not None:
+            group = self.cached[b.block_hash]
+            del group[b.id]
+            if not group:
+                del self.cached[b.block_hash]
+            b.block_hash = None
+        b.ref_cnt = 1
+        return b
+
+    def _cache(self, blocks, tokens, j):
+        parent = blocks[j - 1].block_hash if j else None
+        h = hash((parent, tuple(tokens[j * self.bt:(j + 1) * self.bt])))
+        blocks[j].block_hash = h
+        self.cached.setdefault(h, {})[blocks[j].id] = blocks[j]
+
+    def add(self, rid, tokens):
+        bt = self.bt
+        hits, parent = [], None
+        for j in range((len(tokens) - 1) // bt):
+            h = hash((parent, tuple(tokens[j * bt:(j + 1) * bt])))
+            group = self.cached.get(h)
+            if not group:
+                break
+            hits.append(next(iter(group.values())))
+            parent = h
+        need = -(-len(tokens) // bt) - len(hits)
+        if need > self.nfree - sum(1 for b in hits if b.ref_cnt == 0):
+            raise PoolExhaustedError(need, self.nfree)
+        for b in hits:
+            if b.ref_cnt == 0:
+                self._remove(b)
+            b.ref_cnt += 1
+        blocks = hits + [self._new_block() for _ in range(need)]
+        tokens = list(tokens)
+        for j in range(len(hits), len(tokens) // bt):
+            self._cache(blocks, tokens, j)
+        self.reqs[rid] = [blocks, tokens, self.order]
+        self.order += 1
+        return len(hits) * bt
+
+    def remove(self, rid):
+        blocks = self.reqs.pop(rid)[0]
+        for b in reversed(blocks):
+            b.ref_cnt -= 1
+            if b.ref_cnt == 0:
+                self._push(b)
+
+    def append(self, rids, tokens):
+        """One token each; the preempted (newest first) get -1."""
+        bt = self.bt
+        need = sum(1 for r in rids if len(self.reqs[r][1]) % bt == 0)
+        gone = set()
+        while need > self.nfree:
+            victim = max(self.reqs, key=lambda r: self.reqs[r][2])
+            if len(self.reqs[victim][1]) % bt == 0 and victim in rids:
+                need -= 1
+            gone.add(victim)
+            self.remove(victim)
+        out = []
+        for r, t in zip(rids, tokens):
+            if r in gone:
+                out.append(-1)
+                continue
+            blocks, toks, _ = self.reqs[r]
+            if len(toks) % bt == 0:
+                blocks.append(self._new_block())
+            toks.append(t)
+            out.append(blocks[-1].id)
+            if len(toks) % bt == 0:
+                self._cache(blocks, toks, len(toks) // bt - 1)
+        return out
+
+
+def prefix_trace(quick):
+    rng = np.random.default_rng(13)
+    n = 400 if quick else 2000
+    systems = [rng.integers(0, 32000, int(k)).tolist() for k in rng.integers(256, 1025, 8)]
+    prompts = [systems[rng.integers(8)] + rng.integers(0, 32000, int(rng.integers(8, 65))).tolist()
+               for _ in range(n)]
+    decode = rng.integers(16, 129, n).tolist()
+    return prompts, decode
+
+
+def serve_prefix(c, prompts, decode, max_running, peer):
+    """Admit in order while it fits, one decode step for all running, the
+    newest preempted (and restarted) when short; (completed, preempted,
+    covered tokens per admission)."""
+    waiting = collections.deque(range(len(prompts)))
+    running = {}
+    covered = []
+    completed = preempted = step = 0
+    while waiting or running:
+        while waiting and len(running) < max_running:
+            rid = waiting[0]
+            try:
+                covered.append(c.add(rid, prompts[rid]))
+            except PoolExhaustedError:
+                break
+            waiting.popleft()
+            running[rid] = decode[rid]
+        ids = list(running)
+        step += 1
+        toks = [(step * 31 + r) % 32000 for r in ids]
+        slots = c.append(ids, toks) if peer else c.append(ids, toks).tolist()
+        done = []
+        for rid, s in zip(ids, slots):
+            if s < 0:
+                del running[rid]
+                waiting.appendleft(rid)
+                preempted += 1
+            else:
+                running[rid] -= 1
+                if running[rid] == 0:
+                    done.append(rid)
+        for rid in done:
+            del running[rid]
+            completed += 1
+        if done:
+            if peer:
+                for rid in done:
+                    c.remove(rid)
+            else:
+                c.remove_many(done)
+    return completed, preempted, covered
+
+
+def serve_prefix_kv(c, prompts, decode, max_running):
+    """serve_prefix for a PagedKVCache, its per-step work in numpy: the same
+    admissions, steps, tokens and preemptions."""
+    waiting = collections.deque(range(len(prompts)))
+    ids, left = [], np.zeros(0, np.int64)
+    covered = []
+    completed = preempted = step = 0
+    while waiting or ids:
+        added = []
+        while waiting and len(ids) + len(added) < max_running:
+            rid = waiting[0]
+            try:
+                covered.append(c.add(rid, prompts[rid]))
+            except PoolExhaustedError:
+                break
+            waiting.popleft()
+            added.append(rid)
+        if added:
+            ids = ids + added
+            left = np.concatenate([left, np.array([decode[r] for r in added], np.int64)])
+            arr = np.array(ids, np.int64)
+        step += 1
+        slots = c.append(ids, (step * 31 + arr) % 32000)
+        left -= 1
+        gone = slots < 0
+        done = (left == 0) & ~gone
+        if gone.any() or done.any():
+            if gone.any():
+                for i in np.flatnonzero(gone)[::-1].tolist():
+                    waiting.appendleft(ids[i])
+                preempted += int(gone.sum())
+            fin = np.flatnonzero(done).tolist()
+            if fin:
+                c.remove_many([ids[i] for i in fin])
+                completed += len(fin)
+            keep = np.flatnonzero(~(gone | done))
+            ids = [ids[i] for i in keep.tolist()]
+            left, arr = left[keep], arr[keep]
+    return completed, preempted, covered
+
+
+def case_paged_prefix(quick=False):
+    prompts, decode = prefix_trace(quick)
+    bt, running = 16, 64
+    peak = sum(sorted(-(-(len(p) + d) // bt) for p, d in zip(prompts, decode))[-running:])
+    blocks = peak // 2                          # half the peak demand, unshared
+
+    def make_kv():
+        return PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,
+                            dtype=np.float32, preempt="newest")
+
+    arrays = [np.array(p, np.int64) for p in prompts]     # each side's natural form
+    out = {}
+    kv = median_time(lambda c: out.__setitem__("kv", serve_prefix_kv(
+        c, arrays, decode, running)), 1 if quick else 3, make_kv)
+    peer = median_time(lambda c: out.__setitem__("peer", serve_prefix(
+        c, prompts, decode, running, True)), 1 if quick else 3,
+        lambda: PrefixPeer(blocks, bt))
+    assert out["kv"] == out["peer"], "the peer found other hits"
+    done, _, covered = out["kv"]
+    rate = sum(covered) / sum(len(p) for p in prompts[:len(covered)])
+    return [(f"paged 5: shared-prefix trace, {len(prompts)} requests, hit rate "
+             f"{rate:.2f} (req/s)", done / kv, done / peer, peer / kv)]
+
+
+# -- 6: fork ---------------------------------------------------------------------------
+
+def case_paged_fork(quick=False):
+    bt, forks, prefix, steps = 16, 8, 1000, 64
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, 32000, prefix)
+    shape = dict(layers=2, kv_heads=4, head_dim=64, dtype=np.float16)
+    per_seq = -(-(prefix + steps) // bt)
+
+    def make():
+        c = PagedKVCache(2 * forks * per_seq, bt, **shape)
+        c.add("p", tokens)
+        kv = rng.standard_normal((prefix, 4, 64))
+        for layer in range(2):
+            c.store(layer, c.slots("p"), kv, kv)
+        c.fork("p", "warm")                      # entry point resolved
+        c.remove("warm")
+        return c
+
+    def run(c):
+        for i in range(forks):
+            c.fork("p", i)
+
+    def peer_fork(state):                       # vLLM-style: block objects
+        blocks, reqs = state
+        for i in range(forks):
+            for b in blocks:
+                b.ref_cnt += 1
+            reqs[i] = list(blocks)
+
+    kv = median_time(run, 20, make) / forks
+    peer = median_time(peer_fork, 20, lambda: (
+        [PBlock(i) for i in range(-(-prefix // bt))], {})) / forks
+    c = make()
+    run(c)
+    h = c.rows(list(range(forks)))
+    for s in range(steps):
+        c.append(h, np.full(forks, s))
+    used = c.stats.used_blocks
+    unshared = (forks + 1) * -(-prefix // bt) + forks * (per_seq - -(-prefix // bt))
+    return [(f"paged 6: fork x{forks} of {prefix} tokens + {steps} decoded (us/fork)",
+             kv * 1e6, peer * 1e6, peer / kv),
+            (f"paged 6: blocks used, shared vs unshared copies ({c.stats.cow_copies} copies)",
+             used, unshared, unshared / used)]
+
+
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
-    for case in (case_paged_bookkeeping, case_paged_decode, case_paged_store,
-                 case_paged_serving):
+    cases = (case_paged_bookkeeping, case_paged_decode, case_paged_store,
+             case_paged_serving, case_paged_prefix, case_paged_fork)
+    only = [a for a in sys.argv[1:] if not a.startswith("--")]
+    for case in cases:
+        if only and not any(o in case.__name__ for o in only):
+            continue
         for label, a, b, ratio in case(quick):
             print(f"{label:<70} kvpool {a:10.3f}  peer {b:10.3f}  ratio {ratio:6.2f}")

@@ -2054,7 +2054,7 @@ def _unmark(rowinfo, rows):
 #
 # The prefix state is one int64 array (fewer arguments across the boundary):
 #
-#   px  | counters (8) | per block [n, 6]: ref, hash, parent hash, next and
+#   px  | counters (16) | per block [n, 6]: ref, hash, parent hash, next and
 #       prev in its class, depth (-1: not findable) | table keys (cap) |
 #       table values (cap): the oldest block of the class, -1 empty |
 #
@@ -2065,7 +2065,8 @@ def _unmark(rowinfo, rows):
 # hand every filled and evicted block back to the interpreter.
 
 P_N, P_CAP, P_ON, P_MASK, P_REQS, P_QUERIES, P_HITS, P_COW = range(8)
-_P_HEAD = 8
+P_SPLIT = 8          # partial blocks held more than once (0: no copy can be
+_P_HEAD = 16         # due, and the decode step reads no reference counts)
 B_REF, B_HASH, B_PHASH, B_NEXT, B_PREV, B_DEPTH = range(6)
 _B_COLS = 6
 _ROOT_HASH = 0x6B76706F6F6C      # the parent hash of a sequence's first block
@@ -2139,18 +2140,19 @@ def _h_delete(keys, vals, i):
 
 
 @njit(cache=True)
-def _register(tok, px, bt, b, parent, depth):
+def _register(tok, parts, mask, bt, b, parent, depth):
     """Make full block ``b`` (at ``depth`` of a sequence, after block
     ``parent``) findable: a new class, or the tail of its equal class.
-    Unfindable after an unfindable parent or on a collision."""
-    blk, blku, keys, vals = _px_parts(px)
+    Unfindable after an unfindable parent or on a collision. ``parts``:
+    ``_px_parts(px)``, made once per kernel call."""
+    blk, blku, keys, vals = parts
     if depth == 0:
         ph = np.uint64(_ROOT_HASH)
     elif blk[parent, B_DEPTH] < 0:
         return
     else:
         ph = blku[parent, B_HASH]
-    h = _block_hash(tok, b * bt, bt, ph, px.view(np.uint64)[P_MASK])
+    h = _block_hash(tok, b * bt, bt, ph, mask)
     i = _h_slot(keys, vals, h)
     head = vals[i]
     if head < 0:
@@ -2174,9 +2176,9 @@ def _register(tok, px, bt, b, parent, depth):
 
 
 @njit(cache=True)
-def _unregister(px, b):
+def _unregister(parts, b):
     """Make findable block ``b`` unfindable (it is handed out anew)."""
-    blk, blku, keys, vals = _px_parts(px)
+    blk, blku, keys, vals = parts
     i = _h_slot(keys, vals, blku[b, B_HASH])
     head = vals[i]
     nx = blk[b, B_NEXT]
@@ -2248,10 +2250,11 @@ def _q_push(ring, link, ctr, b):
 
 
 @njit(cache=True)
-def _q_one(state, ring, link, ctr, px, blk):
+def _q_one(state, ring, link, ctr, parts):
     """A block for new content from the free list's front (a never-used id
     first), HELD with one reference; a cached one forgets its hash. The
     caller has checked that one is free and updates the peak."""
+    blk = parts[0]
     b = ctr[C_BUMP]
     if b < state.shape[0]:
         ctr[C_BUMP] = b + 1
@@ -2259,7 +2262,7 @@ def _q_one(state, ring, link, ctr, px, blk):
         b = ctr[C_HEAD]
         _q_unlink(ring, link, ctr, b)
         if blk[b, B_DEPTH] >= 0:
-            _unregister(px, b)
+            _unregister(parts, b)
     state[b] = HELD
     blk[b, B_REF] = 1
     return b
@@ -2272,15 +2275,18 @@ def _q_peak(ctr):
 
 
 @njit(cache=True)
-def _cow(arena, tok, fill, state, ring, link, ctr, px, blk, bt, b):
+def _cow(arena, tok, fill, state, ring, link, ctr, px, parts, bt, b):
     """Copy shared block ``b`` (every layer, K and V, its tokens and fill)
     into a new block, dropping one reference to ``b``; the new block."""
-    c = _q_one(state, ring, link, ctr, px, blk)
+    blk = parts[0]
+    c = _q_one(state, ring, link, ctr, parts)
     bb = ctr[C_BLOCK_SIZE]
     arena[c * bb:(c + 1) * bb] = arena[b * bb:(b + 1) * bb]
     tok[c * bt:(c + 1) * bt] = tok[b * bt:(b + 1) * bt]
     fill[c] = fill[b]
     blk[b, B_REF] -= 1
+    if blk[b, B_REF] == 1:
+        px[P_SPLIT] -= 1
     px[P_COW] += 1
     return c
 
@@ -2293,10 +2299,13 @@ def _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, r):
     ring, link, ctr = _parts(state, meta)
     blk = _px_parts(px)[0]
     freed = 0
-    for j in range((lens[r] + bt - 1) // bt - 1, -1, -1):
+    last = (lens[r] + bt - 1) // bt - 1
+    for j in range(last, -1, -1):
         b = tables[r, j]
         tables[r, j] = NO_BLOCK
         blk[b, B_REF] -= 1
+        if j == last and lens[r] % bt != 0 and blk[b, B_REF] == 1:
+            px[P_SPLIT] -= 1
         if blk[b, B_REF] == 0:
             fill[b] = 0
             state[b] = FREE
@@ -2308,11 +2317,17 @@ def _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, r):
 
 
 @njit(cache=True)
-def _append_need(tables, lens, rowinfo, blk, bt, rows, scratch):
+def _append_need(tables, lens, rowinfo, px, blk, bt, rows, scratch):
     """Blocks that one more token per row takes (rows marked 2 skipped): a
     new block for a full last block, a copy for a shared partial one (in
     row order, the last holder in the batch keeps it)."""
     need = 0
+    if px[P_SPLIT] == 0:
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if lens[r] % bt == 0 and rowinfo[r, R_MARK] != 2:
+                need += 1
+        return need
     for i in range(rows.shape[0]):
         r = rows[i]
         scratch[i] = -1
@@ -2354,8 +2369,10 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
             info[0] = L // bt + 1
             return _S_GROW
     ring, link, ctr = _parts(state, meta)
-    blk = _px_parts(px)[0]
-    need = _append_need(tables, lens, rowinfo, blk, bt, rows, out)
+    parts = _px_parts(px)
+    blk = parts[0]
+    mask = px.view(np.uint64)[P_MASK]
+    need = _append_need(tables, lens, rowinfo, px, blk, bt, rows, out)
     free = _free_count(state, meta)
     npre = 0
     if need > free and preempt != 0:
@@ -2382,9 +2399,10 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
         pre[3 * npre + 2] = freed
         npre += 1
         free += freed
-        need = _append_need(tables, lens, rowinfo, blk, bt, rows, out)
+        need = _append_need(tables, lens, rowinfo, px, blk, bt, rows, out)
     info[2] = npre
     on = px[P_ON] != 0
+    split = px[P_SPLIT] != 0
     for i in range(n):
         r = rows[i]
         if npre > 0 and rowinfo[r, R_MARK] == 2:
@@ -2394,12 +2412,12 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
         col = L // bt
         off = L - col * bt
         if off == 0:
-            b = _q_one(state, ring, link, ctr, px, blk)
+            b = _q_one(state, ring, link, ctr, parts)
             tables[r, col] = b
         else:
             b = tables[r, col]
-            if blk[b, B_REF] > 1:
-                b = _cow(arena, tok, fill, state, ring, link, ctr, px, blk, bt, b)
+            if split and blk[b, B_REF] > 1:
+                b = _cow(arena, tok, fill, state, ring, link, ctr, px, parts, bt, b)
                 tables[r, col] = b
         fill[b] = off + 1
         s = b * bt + off
@@ -2407,7 +2425,7 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
         lens[r] = L + 1
         out[i] = s
         if on and off == bt - 1:
-            _register(tok, px, bt, b, tables[r, col - 1] if col > 0 else -1, col)
+            _register(tok, parts, mask, bt, b, tables[r, col - 1] if col > 0 else -1, col)
     _q_peak(ctr)
     if npre > 0:
         _unmark(rowinfo, rows)
@@ -2435,7 +2453,9 @@ def _paged_extend(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
         info[0] = total
         return _S_GROW
     ring, link, ctr = _parts(state, meta)
-    blk = _px_parts(px)[0]
+    parts = _px_parts(px)
+    blk = parts[0]
+    mask = px.view(np.uint64)[P_MASK]
     on = px[P_ON] != 0
     hit = 0
     revive = 0                             # hits that are free now
@@ -2461,9 +2481,9 @@ def _paged_extend(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
         tables[row, j] = b
     if cow:
         tables[row, have - 1] = _cow(arena, tok, fill, state, ring, link, ctr, px,
-                                     blk, bt, tables[row, have - 1])
+                                     parts, bt, tables[row, have - 1])
     for j in range(have + hit, total):
-        tables[row, j] = _q_one(state, ring, link, ctr, px, blk)
+        tables[row, j] = _q_one(state, ring, link, ctr, parts)
     _q_peak(ctr)
     skip = hit * bt
     for i in range(n):
@@ -2478,7 +2498,7 @@ def _paged_extend(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
         tok[s] = tokens[i]
         fill[b] = off + 1
         if on and off == bt - 1:
-            _register(tok, px, bt, b, tables[row, col - 1] if col > 0 else -1, col)
+            _register(tok, parts, mask, bt, b, tables[row, col - 1] if col > 0 else -1, col)
     lens[row] = L + n
     if new:
         rowinfo[row, R_ADDED] = stamp
@@ -2508,10 +2528,13 @@ def _paged_fork(tables, lens, rowinfo, px, bt, src, dst, stamp):
     """Row ``dst`` (free) becomes a sequence added at ``stamp`` sharing every
     block of row ``src``: one more reference each."""
     blk = _px_parts(px)[0]
-    for j in range((lens[src] + bt - 1) // bt):
+    nb = (lens[src] + bt - 1) // bt
+    for j in range(nb):
         b = tables[src, j]
         tables[dst, j] = b
         blk[b, B_REF] += 1
+    if lens[src] % bt != 0 and blk[tables[src, nb - 1], B_REF] == 2:
+        px[P_SPLIT] += 1
     lens[dst] = lens[src]
     rowinfo[dst, R_ADDED] = stamp
 
@@ -3657,6 +3680,10 @@ def _audit_paged(c):
             expect, c._fill):
         _fail(f"reserved slots per block disagree at blocks "
               f"{np.flatnonzero(expect != c._fill)[:8].tolist()}")
+
+    split = np.count_nonzero((ref > 1) & (c._fill < bt) & (ref > 0))
+    if px[P_SPLIT] != split:
+        _fail(f"shared partial blocks: counted {px[P_SPLIT]}, found {split}")
 
     _audit_prefix(c, tables, r_idx, c_idx)
 
