@@ -3,8 +3,9 @@ the manager's rules, eviction, bytes, persistence, the audit, bad input, the
 model (a hypothesis state machine), threads and faults, long runs.
 
 Every test that changes a manager audits it with ``check_invariants()``
-before it ends: the model and the bad-input matrix after every step (the
-latter through ``assert_unchanged``), the long runs every 10,000 operations.
+before it ends (but the audit section's, which corrupt it on purpose): the
+model after every step, the bad-input matrix after every call (through
+``assert_unchanged``), the long runs every 10,000 operations.
 A bare ``MemoryPool`` has no audit of its own, so the pool's tests compare
 its whole state (``snapshot``) instead. Private state is reached only by the
 helpers just below and, on purpose, by the audit section's corruption table.
@@ -43,6 +44,10 @@ from kvpool import (ERR_DUPLICATE, ERR_IN_ENTRY, ERR_NOT_ALLOCATED, ERR_RANGE,
 
 # ============================================================================
 # Helpers shared by the sections
+#
+# The whole-state snapshot every "changes nothing" check uses, the victim
+# manager of the bad-input and fault tests, and the few reaches into private
+# state outside the audit section (the manager's lock).
 # ============================================================================
 
 def snapshot(obj):
@@ -143,6 +148,11 @@ def lru_manager(blocks=4, bs=16, **kw):
 
 # ============================================================================
 # Pool
+#
+# MemoryPool alone and from compiled code: geometry, FIFO reuse, the block
+# calls (allocate, release, deallocate and their batches) and the chain
+# calls (alloc/free/resize/read/write_chain, free_chains), including the
+# refusals that must leave the pool as it was.
 # ============================================================================
 
 def test_import_compiles_nothing():
@@ -424,6 +434,10 @@ def test_pool_free_chains_equals_freeing_one_by_one(total, steps, rnd):
 
 # ============================================================================
 # Manager rules
+#
+# KVCacheManager's core: the README's examples, entries and their block ids
+# (freed first, reused first; then never-used ids in order), removed entries,
+# keys, stats, the mapping face, resize, the batch calls, the error type.
 # ============================================================================
 
 def readme_blocks():
@@ -683,6 +697,10 @@ def test_pool_exhausted_error_says_needed_and_free_and_round_trips(roundtrip):
 
 # ============================================================================
 # Eviction
+#
+# Recency (which calls make an entry most recently used), LRU eviction under
+# pins and resizes, all-or-nothing refusals, the "none" policy, clear and
+# reset_stats, eviction reports.
 # ============================================================================
 
 def test_lru_order_over_mixed_lookups():
@@ -873,6 +891,10 @@ def test_eviction_reports_fields_and_json():
 
 # ============================================================================
 # Bytes
+#
+# write, read, views and block_view: round trips across blocks, every kind of
+# data source, overlapping sources, zeroing, arenas over a memmap and over
+# shared memory. (Their bad arguments are rows of the bad-input matrix.)
 # ============================================================================
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float16, np.float32, np.float64])
@@ -1082,6 +1104,9 @@ def test_shared_memory_arena_read_by_another_process():
 
 # ============================================================================
 # Persistence
+#
+# save/load, pickle, deepcopy and ==, all served by one state function; what
+# save refuses, and the snapshots load refuses (tampered, truncated, foreign).
 # ============================================================================
 
 def busy_manager():
@@ -1241,6 +1266,10 @@ def test_truncated_and_foreign_files_are_rejected(tmp_path):
 
 # ============================================================================
 # Audit
+#
+# check_invariants(): a known-good manager is corrupted on purpose, one row
+# per kind of invariant, and the audit must raise AssertionError naming the
+# divergence; the same audit guards get_stats, load and unpickling.
 # ============================================================================
 
 def _corruptible():
@@ -1398,6 +1427,13 @@ def test_corrupted_snapshot_is_refused_by_load(tmp_path):
 
 # ============================================================================
 # Bad input
+#
+# Every public call and constructor argument gets None, bools, floats (1.5,
+# nan, inf), negatives, zero, huge ints, strings, unhashable keys, wrong
+# arrays and bad block ids. Each bad call must raise exactly the documented
+# type, name the bad value in its message, and leave the manager exactly as
+# it was (assert_unchanged: stats, arena bytes, pool arrays and counters,
+# entries, LRU order, audit). numpy integer scalars are valid and accepted.
 # ============================================================================
 
 NAN, INF = float("nan"), float("inf")
@@ -1763,6 +1799,13 @@ def test_pool_huge_ids_free_nothing_in_a_fresh_process():
 
 # ============================================================================
 # Model
+#
+# A hypothesis RuleBasedStateMachine drives one KVCacheManager through random
+# sequences of every public operation; a plain-Python model of the documented
+# rules predicts the exact block ids (FIFO free ring + bump counter), LRU
+# order, eviction victims, every byte of the arena, every PoolStats field and
+# every eviction report. After every step the two are compared and
+# check_invariants() is called.
 # ============================================================================
 
 class _MEntry:
@@ -2350,6 +2393,13 @@ TestKVMachine.settings = settings(
 
 # ============================================================================
 # Threads and faults
+#
+# One manager shared by 4 threads x 20,000 mixed operations (keys partly
+# private to a thread, partly shared; only KeyError and PoolExhaustedError
+# expected; private keys also check their bytes); the lock freed however a
+# hot path leaves. Then faults: a listener's exception propagates after the
+# state change is complete and later reports are still sent; save() is
+# atomic (temporary file + rename) and leaves no temporary file behind.
 # ============================================================================
 
 _THREADS = 4
@@ -2641,6 +2691,11 @@ def test_save_where_the_directory_cannot_be_written(tmp_path, monkeypatch):
 
 # ============================================================================
 # Long runs
+#
+# Seeded random.Random runs with a light model riding along: each live
+# entry's expected bytes (zeroed on allocation and growth), kept exact through
+# LRU evictions via a listener; check_invariants() and the stats identities
+# every 10,000 operations. The 1,000,000-operation run is marked slow.
 # ============================================================================
 
 def _long_run(n_ops, seed, check_every=10_000):
