@@ -1786,7 +1786,9 @@ def _audit(m):
     used_memory = 0
     pinned = 0
     for key, entry in m._cache.items():
-        if entry.key != key or entry._pool is not pool:
+        # The slot's key is the entry's own object (``is``, not ``==``: a NaN
+        # key is not equal to itself, yet the dict finds it by identity).
+        if entry.key is not key or entry._pool is not pool:
             _fail(f"cache slot {key!r} holds {entry!r} (key or pool mismatch)")
         if type(entry.size) is not int or entry.size <= 0:
             _fail(f"entry {key!r} has size {entry.size!r}")

@@ -67,10 +67,12 @@ def test_bug1_nan_key():
 
     back = pickle.loads(pickle.dumps(m))    # a new NaN object: as for a dict,
     back.check_invariants()                 # the copy works but its key is
-    (k1, k2) = list(back)                   # not the original NaN
+    k2, k1 = list(back)                     # not the original NaN
     assert k1 != k1 and k2[0] == "t" and k2[1] != k2[1]
     assert back[k1].size == 20 and back.peek(k2).size == 5
     assert bytes(back.read(k1, count=3)) == b"abc"
+    assert back != m and nan not in back    # so the managers differ
+    back.check_invariants()
     assert {nan: 1} != pickle.loads(pickle.dumps({nan: 1}))   # the same rule
 
     assert m.remove_cache_entry(nan).size == 20
