@@ -61,6 +61,7 @@ import itertools
 import json
 import operator
 import os
+import re
 import tempfile
 import threading
 import time
@@ -752,41 +753,6 @@ class PoolStats:
         return dataclasses.asdict(self)
 
 
-def _key_to_json(key):
-    """A JSON value for a savable key (CacheKey, str, int, bytes, tuples)."""
-    if isinstance(key, CacheKey):
-        return {"CacheKey": [key.name, key.id]}
-    if isinstance(key, str):
-        return {"str": key}
-    if isinstance(key, bytes):
-        return {"bytes": key.hex()}
-    if isinstance(key, int) and not isinstance(key, bool):
-        return {"int": int(key)}
-    if isinstance(key, tuple):
-        return {"tuple": [_key_to_json(k) for k in key]}
-    raise TypeError(f"key {key!r} of type {type(key).__name__} cannot be "
-                    "saved; savable keys are CacheKey, str, int, bytes and "
-                    "tuples of these")
-
-
-def _key_from_json(value):
-    """Inverse of ``_key_to_json``; ``ValueError`` on anything else."""
-    if isinstance(value, dict) and len(value) == 1:
-        (tag, v), = value.items()
-        if (tag == "CacheKey" and isinstance(v, list) and len(v) == 2
-                and isinstance(v[0], str) and type(v[1]) is int):
-            return CacheKey(v[0], v[1])
-        if tag == "str" and isinstance(v, str):
-            return v
-        if tag == "bytes" and isinstance(v, str):
-            return bytes.fromhex(v)
-        if tag == "int" and type(v) is int:
-            return v
-        if tag == "tuple" and isinstance(v, list):
-            return tuple(_key_from_json(k) for k in v)
-    raise ValueError(f"malformed key in snapshot: {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class EvictionReport:
     """What one removal did: delivered to eviction listeners."""
@@ -801,12 +767,14 @@ class EvictionReport:
     timestamp: float             # time.monotonic() at the removal
 
     def to_dict(self):
-        """Plain JSON-serializable values (a CacheKey becomes a small dict)."""
-        key = self.key
-        if isinstance(key, CacheKey):
-            key = {"name": key.name, "id": key.id}
-        elif not isinstance(key, (str, int, float, bool, type(None))):
-            key = repr(key)
+        """Plain JSON-serializable values. The key takes the form a snapshot
+        file gives it (``{"CacheKey": ["seq", 7]}``, ``{"str": "a"}``, ...;
+        see ``_key_to_json``), or ``{"repr": repr(key)}`` for a key that
+        cannot be saved."""
+        try:
+            key = _key_to_json(self.key)
+        except TypeError:
+            key = {"repr": repr(self.key)}
         return {
             "key": key, "reason": self.reason, "size": self.size,
             "blocks": list(self.blocks), "blocks_freed": self.blocks_freed,
@@ -870,6 +838,118 @@ def _as_arena(buffer, total_size):
         raise ValueError(f"buffer holds {buffer.size} bytes, fewer than "
                          f"total_size {total_size}")
     return buffer.view(np.ndarray).reshape(-1)
+
+
+# -- persistence: keys as JSON, the snapshot file -----------------------------
+
+_INT64_MIN, _INT64_END = -(1 << 63), 1 << 63
+_HEX_INT = re.compile(r"-?0x[0-9a-f]+")
+
+
+def _int_to_json(value):
+    """An int as JSON: a number when it fits in 64 bits, else a hex string
+    such as ``"-0x1f"`` (Python refuses decimal conversions of more than
+    about 4,300 digits, in both directions; base 16 has no such limit)."""
+    return value if _INT64_MIN <= value < _INT64_END else hex(value)
+
+
+def _int_from_json(value):
+    """Inverse of ``_int_to_json`` (either form); None for anything else."""
+    if type(value) is int:
+        return value
+    if type(value) is str and _HEX_INT.fullmatch(value):
+        return int(value, 16)
+    return None
+
+
+def _key_to_json(key):
+    """The one JSON form of a savable key, used by snapshot files and by
+    ``EvictionReport.to_dict``: ``{"CacheKey": [name, id]}``, ``{"str": s}``,
+    ``{"bytes": hex}``, ``{"int": n}`` or ``{"tuple": [...]}``, ints as
+    ``_int_to_json`` writes them. Exactly these types: a subclass (a
+    ``CacheKey`` subclass, an ``IntEnum``, a namedtuple) would load as its
+    base type, a different key, so it is refused with ``TypeError``."""
+    kind = type(key)
+    if kind is CacheKey and type(key.name) is str and type(key.id) is int:
+        return {"CacheKey": [key.name, _int_to_json(key.id)]}
+    if kind is str:
+        return {"str": key}
+    if kind is bytes:
+        return {"bytes": key.hex()}
+    if kind is int:
+        return {"int": _int_to_json(key)}
+    if kind is tuple:
+        return {"tuple": [_key_to_json(k) for k in key]}
+    for base in (CacheKey, str, bytes, int, tuple):
+        if isinstance(key, base) and not isinstance(key, bool):
+            raise TypeError(
+                f"key {key!r} of type {kind.__name__} (a subclass of "
+                f"{base.__name__}, or holding one) cannot be saved: it would "
+                f"load as a plain {base.__name__}, a different key")
+    raise TypeError(f"key {key!r} of type {kind.__name__} cannot be saved; "
+                    "savable keys are CacheKey, str, int, bytes and tuples "
+                    "of these (exactly these types)")
+
+
+def _key_from_json(value):
+    """Inverse of ``_key_to_json``; ``ValueError`` on anything else."""
+    if type(value) is dict and len(value) == 1:
+        (tag, v), = value.items()
+        if tag == "CacheKey" and type(v) is list and len(v) == 2:
+            name, id_ = v[0], _int_from_json(v[1])
+            if type(name) is str and id_ is not None:
+                return CacheKey(name, id_)
+        if tag == "str" and type(v) is str:
+            return v
+        if tag == "bytes" and type(v) is str:
+            return bytes.fromhex(v)
+        if tag == "int" and _int_from_json(v) is not None:
+            return _int_from_json(v)
+        if tag == "tuple" and type(v) is list:
+            return tuple(_key_from_json(k) for k in v)
+    raise ValueError(f"malformed key in snapshot: {value!r}")
+
+
+def _write_snapshot(path, meta, arrays, keys):
+    """Write ``meta`` (with the keys' JSON) and ``arrays`` to one ``.npz``
+    at ``path`` (a str), atomically: a temporary file in the same directory,
+    renamed into place. ``TypeError``, and nothing written, for a key that
+    cannot be saved."""
+    meta = dict(meta, keys=[_key_to_json(k) for k in keys])
+    arrays = dict(arrays, meta=np.frombuffer(json.dumps(meta).encode(),
+                                             np.uint8))
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=".kvpool-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                # mkstemp's 0600 is for secrets
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_snapshot(path):
+    """(meta, arrays, keys) from a file ``_write_snapshot`` wrote at ``path``
+    (a str). Never unpickles. Each array is read once into a new array of
+    its own (the arena is then adopted by the manager, not copied);
+    ``ValueError`` for a file that is not such a snapshot."""
+    with open(path, "rb") as f:
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+            meta = json.loads(arrays.pop("meta").tobytes())
+            keys = [_key_from_json(k) for k in meta.pop("keys")]
+        except Exception as exc:                # noqa: BLE001 - reworded
+            raise ValueError(f"{path!r} is not a readable kvpool snapshot: "
+                             f"{exc}") from None
+    return meta, arrays, keys
 
 
 # -- the manager -------------------------------------------------------------
@@ -1577,22 +1657,31 @@ class KVCacheManager:
     @classmethod
     def _from_state(cls, meta, arrays, keys):
         """A new manager from ``_state()``'s parts; ``ValueError`` (and no
-        manager) unless they describe a consistent one."""
+        manager) unless they describe a consistent one. It adopts
+        ``arrays["arena"]`` as its arena, without a copy when that is a
+        writable, C-contiguous ``uint8`` array: callers pass arrays of their
+        own (``load`` the ones it read, pickle the unpickled ones). Every
+        number is checked in Python before the compiled pool sees it."""
         try:
             if meta.get("format") != FORMAT_VERSION:
                 raise ValueError(f"snapshot format {meta.get('format')!r} is not "
                                  f"the supported version {FORMAT_VERSION}")
             bs, nb = meta["block_size"], meta["total_blocks"]
+            arena = arrays["arena"]
             if (type(bs) is not int or type(nb) is not int or bs <= 0 or nb <= 0
-                    or arrays["arena"].shape != (bs * nb,)):
+                    or arena.shape != (bs * nb,)):
                 raise ValueError(f"block_size={bs!r} and total_blocks={nb!r} "
-                                 f"do not match an arena of shape "
-                                 f"{arrays['arena'].shape}")
+                                 f"do not match an arena of shape {arena.shape}")
+            if arena.dtype != np.uint8:
+                raise ValueError(f"array 'arena' has dtype {arena.dtype}, "
+                                 "expected uint8")
+            if not (arena.flags.c_contiguous and arena.flags.writeable):
+                arena = arena.copy()
             m = cls(bs * nb, bs, eviction=meta["eviction"],
-                    zero_on_alloc=meta["zero_on_alloc"])
+                    zero_on_alloc=meta["zero_on_alloc"], buffer=arena)
             pool = m.pool
-            for name, target in (("arena", m._arena), ("ring", pool.ring),
-                                 ("state", pool.state), ("link", pool.link)):
+            for name, target in (("ring", pool.ring), ("state", pool.state),
+                                 ("link", pool.link)):
                 src = arrays[name]
                 if src.shape != target.shape or src.dtype != target.dtype:
                     raise ValueError(f"array {name!r} has shape {src.shape} and "
@@ -1600,19 +1689,30 @@ class KVCacheManager:
                                      f"{target.shape} and {target.dtype}")
                 target[...] = src
             for name in ("head", "count", "bump", "peak_used"):
-                if type(meta[name]) is not int:
-                    raise ValueError(f"counter {name!r} is {meta[name]!r}")
-                setattr(pool, name, meta[name])
-            for name, kinds in (("sizes", "iu"), ("heads", "iu"),
-                                ("n_blocks", "iu"), ("pinned", "b")):
-                if arrays[name].ndim != 1 or arrays[name].dtype.kind not in kinds:
-                    raise ValueError(f"column {name!r} has dtype "
-                                     f"{arrays[name].dtype} and shape "
-                                     f"{arrays[name].shape}")
-            columns = [arrays[n].tolist() for n in ("sizes", "heads", "n_blocks",
-                                                    "pinned")]
-            if any(len(c) != len(keys) for c in columns):
-                raise ValueError("entry columns differ in length from the keys")
+                value = meta[name]
+                if type(value) is not int or not (
+                        _INT64_MIN <= value < _INT64_END):   # range: audited
+                    raise ValueError(f"counter {name!r} is {value!r}, not a "
+                                     "64-bit int")
+                setattr(pool, name, value)
+            columns = []
+            for name, kinds, lo, hi in (("sizes", "iu", 1, bs * nb),
+                                        ("heads", "iu", 0, nb - 1),
+                                        ("n_blocks", "iu", 1, nb),
+                                        ("pinned", "b", False, True)):
+                column = arrays[name]
+                if column.ndim != 1 or column.dtype.kind not in kinds:
+                    raise ValueError(f"column {name!r} has dtype {column.dtype} "
+                                     f"and shape {column.shape}")
+                column = column.tolist()
+                if len(column) != len(keys):
+                    raise ValueError(f"column {name!r} holds {len(column)} "
+                                     f"values for {len(keys)} keys")
+                for value in column:
+                    if not lo <= value <= hi:
+                        raise ValueError(f"column {name!r} holds {value}, not "
+                                         f"within [{lo}, {hi}]")
+                columns.append(column)
             counters = [meta["allocations"], meta["hits"], meta["misses"]]
             counters += [meta["evictions"][r] for r in REASONS]
             if any(type(c) is not int or c < 0 for c in counters):
@@ -1620,10 +1720,10 @@ class KVCacheManager:
                                  "non-negative ints")
             for key, size, head, n, pinned in zip(keys, *columns):
                 entry = KVPoolEntry(key, size, head, n, pool)
-                entry.pinned = bool(pinned)
+                entry.pinned = pinned
                 m._cache[key] = entry
                 m._used_memory += size
-                m._pinned_entries += entry.pinned
+                m._pinned_entries += pinned
             m._active_entries = len(m._cache)
             m._allocations = meta["allocations"]
             m._evictions = {r: meta["evictions"][r] for r in REASONS}
@@ -1640,47 +1740,23 @@ class KVCacheManager:
         return m
 
     def save(self, path):
-        """Write the whole manager to one ``.npz`` file at ``path``, atomically:
-        a temporary file in the same directory, renamed into place. Keys must
-        be CacheKey, str, int, bytes or tuples of these (``TypeError``, and
+        """Write the whole manager to one ``.npz`` file at ``path`` (str,
+        bytes or path-like), atomically: a temporary file in the same
+        directory, renamed into place. Keys must be CacheKey, str, int,
+        bytes or tuples of these, exactly these types (``TypeError``, and
         nothing written, otherwise)."""
+        path = os.fsdecode(path)
         with self._lock:
-            meta, arrays, keys = self._state()
-            meta["keys"] = [_key_to_json(k) for k in keys]
-            arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-            path = os.fspath(path)
-            fd, tmp = tempfile.mkstemp(
-                dir=os.path.dirname(os.path.abspath(path)), prefix=".kvpool-",
-                suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **arrays)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o644)            # mkstemp's 0600 is for secrets
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            _write_snapshot(path, *self._state())
 
     @classmethod
     def load(cls, path):
-        """The manager saved at ``path``: same entries, bytes, stats and
-        future block ids. Never unpickles; a truncated, corrupt, foreign or
-        incompatible file raises ``ValueError``."""
-        with open(path, "rb") as f:
-            try:
-                with np.load(f, allow_pickle=False) as z:
-                    arrays = {name: z[name] for name in z.files}
-                meta = json.loads(arrays.pop("meta").tobytes())
-                keys = [_key_from_json(k) for k in meta.pop("keys")]
-            except Exception as exc:                # noqa: BLE001 - reworded
-                raise ValueError(f"{os.fspath(path)!r} is not a readable kvpool "
-                                 f"snapshot: {exc}") from None
-        return cls._from_state(meta, arrays, keys)
+        """The manager saved at ``path`` (str, bytes or path-like): same
+        entries, bytes, stats and future block ids. Never unpickles; a
+        truncated, corrupt, foreign or incompatible file raises
+        ``ValueError``. The file's arena becomes the manager's: one arena
+        in memory, not two."""
+        return cls._from_state(*_read_snapshot(os.fsdecode(path)))
 
     def __getstate__(self):
         """Pickling and deepcopy carry everything ``save`` does, with any

@@ -301,6 +301,8 @@ def test_bug7_bad_path_type():
         m.save(42)
     with pytest.raises(TypeError):
         KVCacheManager.load(42.0)
+    with pytest.raises(TypeError):          # not a file descriptor
+        KVCacheManager.load(987654)
 
 
 # -- 8. an int key of more than 4,300 digits ---------------------------------------
