@@ -1495,40 +1495,57 @@ class KVCacheManager:
 
     # bytes -----------------------------------------------------------------------
 
-    def _span(self, entry, offset, nbytes):
-        offset = _as_int(offset, "offset")
+    @staticmethod
+    def _span(entry, offset, nbytes):
+        """Refuse ``nbytes`` at ``offset`` (ints) unless they fit the entry."""
         if offset < 0 or offset + nbytes > entry.size:
             raise ValueError(f"{nbytes} bytes at offset {offset} do not fit in "
                              f"the entry of {entry.size} bytes")
-        return offset
 
     def write(self, key, data, offset=0):
         """Copy the raw bytes of ``data`` into the entry from byte ``offset``,
         across block boundaries, in one compiled call; ``ValueError`` (and
         nothing written) if they would not fit. The entry becomes most
         recently used."""
+        raw = _as_bytes(data)
+        offset = _as_int(offset, "offset")
         with self._lock:
             entry = self._entry(key)
-            raw = _as_bytes(data)
-            offset = self._span(entry, offset, raw.shape[0])
+            self._span(entry, offset, raw.shape[0])
             status = _POOL["write_chain"](self.pool, entry.block,
                                               entry.n_blocks, offset, raw)
             assert status == OK, f"write_chain failed with status {status}"
             self._cache.move_to_end(key)
 
-    def read(self, key, dtype=np.uint8, offset=0, count=-1):
+    def read(self, key, dtype=np.uint8, offset=0, count=-1, *, out=None):
         """A new array of ``count`` items of ``dtype`` (all the rest of the
         entry when -1) read from byte ``offset``, in one compiled call. The
-        entry becomes most recently used."""
+        entry becomes most recently used.
+
+        With ``out`` the items go there instead and ``out`` is returned, with
+        no allocation: a writable, C-contiguous numpy array of ``dtype``, of
+        any shape, holding exactly the items read, and not a view of the
+        arena (checked, like every argument, before anything changes).
+        A subarray dtype such as ``("f4", (2,))`` is refused: read its base
+        dtype and reshape.
+        """
+        if dtype is None:
+            raise TypeError("dtype must be given, not None")
+        dtype = _UINT8 if dtype is np.uint8 else np.dtype(dtype)
+        if dtype.hasobject or dtype.itemsize == 0:
+            raise TypeError(f"cannot read items of dtype {dtype}")
+        if dtype.subdtype is not None:
+            raise TypeError(f"cannot read items of the subarray dtype {dtype}: "
+                            f"read {dtype.base} and reshape to "
+                            f"(-1, {', '.join(map(str, dtype.shape))})")
+        offset = _as_int(offset, "offset")
+        count = _as_int(count, "count")
+        if count < -1:
+            raise ValueError(f"count must be -1 or >= 0, got {count}")
+        if out is not None:
+            into = self._out_bytes(out, dtype)
         with self._lock:
             entry = self._entry(key)
-            if dtype is None:
-                raise TypeError("dtype must be given, not None")
-            dtype = _UINT8 if dtype is np.uint8 else np.dtype(dtype)
-            if dtype.hasobject or dtype.itemsize == 0:
-                raise TypeError(f"cannot read items of dtype {dtype}")
-            offset = _as_int(offset, "offset")
-            count = _as_int(count, "count")
             if not 0 <= offset <= entry.size:
                 raise ValueError(f"offset {offset} is outside the entry of "
                                  f"{entry.size} bytes")
@@ -1538,17 +1555,39 @@ class KVCacheManager:
                     raise ValueError(f"{nbytes} bytes from offset {offset} do "
                                      f"not divide into items of {dtype} "
                                      f"({dtype.itemsize} bytes)")
-            elif count < 0:
-                raise ValueError(f"count must be -1 or >= 0, got {count}")
             else:
                 nbytes = count * dtype.itemsize
-            offset = self._span(entry, offset, nbytes)
-            out = np.empty(nbytes, np.uint8)
+            self._span(entry, offset, nbytes)
+            if out is None:
+                into = np.empty(nbytes, np.uint8)
+            elif into.shape[0] != nbytes:
+                raise ValueError(f"out holds {out.size} items of {dtype}, but "
+                                 f"{nbytes // dtype.itemsize} are read")
             status = _POOL["read_chain"](self.pool, entry.block,
-                                             entry.n_blocks, offset, out)
+                                             entry.n_blocks, offset, into)
             assert status == OK, f"read_chain failed with status {status}"
             self._cache.move_to_end(key)
-            return out if dtype is _UINT8 else out.view(dtype)
+        if out is not None:
+            return out
+        return into if dtype is _UINT8 else into.view(dtype)
+
+    def _out_bytes(self, out, dtype):
+        """The bytes of ``read``'s ``out`` as a flat ``uint8`` view, or the
+        error naming what is wrong with it."""
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy array, got "
+                            f"{type(out).__name__}")
+        if out.dtype != dtype:
+            raise TypeError(f"out has dtype {out.dtype} but the items read are "
+                            f"{dtype}: pass dtype=out.dtype")
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        if not out.flags.writeable:
+            raise ValueError("out must be writable")
+        if np.may_share_memory(out, self._arena):
+            raise ValueError("out is a view of the arena: read into an array "
+                             "of your own (or use views())")
+        return out.view(np.ndarray).reshape(-1).view(np.uint8)
 
     def block_view(self, block):
         """A zero-copy ``uint8`` view of one block of the arena."""
