@@ -1067,6 +1067,9 @@ class KVCacheManager:
             items = np.asarray(sizes).reshape(-1)
             if items.dtype.kind in "iu":
                 flat = items
+            elif items.dtype.kind != "O":   # tolist() makes ints of some
+                raise TypeError(f"sizes must be integers, got an array of "
+                                f"dtype {items.dtype}")
         else:
             items = list(sizes)
             if list(map(type, items)).count(int) == len(items):  # no bools
@@ -1258,24 +1261,29 @@ class KVCacheManager:
 
     def remove_cache_entries(self, keys):
         """Remove many entries in one compiled call; a list of the removed
-        entries, None where a key was absent (as one by one, in order)."""
+        entries, None where a key was absent or its entry was already named
+        earlier in ``keys`` (as one by one, in order)."""
         with self._lock:
             keys = list(keys)
             try:
                 result = list(map(self._cache.get, keys))
-                repeats = len(set(keys)) != len(keys)
             except TypeError:
                 for key in keys:
                     self._get(key)          # raises for the unhashable one
                 raise
-            if repeats:                     # a repeat finds its entry gone
+            found = [e for e in result if e is not None]
+            if len(set(map(id, found))) != len(found):
+                # A repeat, by entry rather than by key (two keys that are
+                # not equal may both equal the stored one): it finds its
+                # entry gone, as one by one.
                 seen = set()
-                for i, key in enumerate(keys):
-                    if key in seen:
-                        result[i] = None
-                    seen.add(key)
-            reports = self._release([e for e in result if e is not None],
-                                    "manual")
+                for i, entry in enumerate(result):
+                    if entry is not None:
+                        if id(entry) in seen:
+                            result[i] = None
+                        seen.add(id(entry))
+                found = [e for e in result if e is not None]
+            reports = self._release(found, "manual")
         if reports:
             self._deliver(reports)
         return result
