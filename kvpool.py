@@ -56,6 +56,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 import collections
+import collections.abc
 import dataclasses
 import itertools
 import json
@@ -65,7 +66,6 @@ import re
 import tempfile
 import threading
 import time
-import types
 
 import numpy as np
 from numba import boolean, int64, njit, uint8
@@ -800,6 +800,18 @@ def _as_int(value, name):
                         f"{type(value).__name__}") from None
 
 
+def _refuse_unhashable(keys):
+    """Raise ``TypeError`` naming the first of ``keys`` that cannot be hashed.
+    The one place that words this error: a dict lookup that raised
+    ``TypeError`` calls it, then re-raises the original when every key
+    hashes (the error came from comparing a key, and says so itself)."""
+    for key in keys:
+        try:
+            hash(key)
+        except TypeError:
+            raise TypeError(f"key {key!r} is not hashable") from None
+
+
 def _as_bytes(data):
     """The raw bytes of ``data`` as a contiguous, writable 1-D ``uint8`` array
     (a copy only when ``data`` is non-contiguous or read-only)."""
@@ -957,6 +969,58 @@ def _read_snapshot(path):
 _N_BLOCKS = operator.attrgetter("n_blocks")
 
 
+class _CacheView(collections.abc.Mapping):
+    """``m.cache``: see that property. Iteration copies the keys (or items)
+    under the manager's lock, as ``iter(m)`` does."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, manager):
+        self._m = manager
+
+    def __getitem__(self, key):
+        entry = self._m.peek(key)
+        if entry is None:
+            raise KeyError(f"no live entry for key {key!r}")
+        return entry
+
+    def __contains__(self, key):
+        return key in self._m
+
+    def __len__(self):
+        return len(self._m._cache)
+
+    def __iter__(self):
+        return iter(self._m)
+
+    def _items(self):
+        with self._m._lock:
+            return list(self._m._cache.items())
+
+    def items(self):
+        return _SnapshotItems(self)
+
+    def values(self):
+        return _SnapshotValues(self)
+
+    def __repr__(self):
+        return f"<cache view of {self._m!r}>"
+
+
+class _SnapshotItems(collections.abc.ItemsView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return iter(self._mapping._items())
+
+
+class _SnapshotValues(collections.abc.ValuesView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return (entry for _, entry in self._mapping._items())
+
+
 class KVCacheManager:
     """Cache entries over a ``MemoryPool``: keys, eviction, bytes, stats.
 
@@ -974,9 +1038,15 @@ class KVCacheManager:
     Persistence: ``save``, ``load``, pickle and deepcopy.
     Audit: ``check_invariants``.
 
-    Every public operation holds one lock, so a manager may be shared between
-    threads; the pool itself, driven from compiled code, is the caller's to
-    guard. The per-entry hot paths (``allocate_entry``, ``resize_entry``,
+    Every public operation that reads or changes entries, counters or bytes
+    holds one lock, so a manager may be shared between threads. These take
+    none: ``len`` and ``in`` (one read of the dict each), ``block_view`` (a
+    view of the arena, no entry involved), the properties ``eviction``,
+    ``block_size``, ``zero_on_alloc`` and ``cache`` (the view's lookups and
+    iteration do lock), ``load`` (a manager no one else has yet), and
+    ``m.pool`` itself, which, driven directly or from compiled code, is the
+    caller's to guard. Arguments are converted before the lock is taken.
+    Eviction listeners run after it is released. The per-entry hot paths (``allocate_entry``, ``resize_entry``,
     ``remove_cache_entry``, ``get``, ``m[key]``) take it with ``acquire`` and
     ``try``/``finally`` instead of ``with``: about 90 ns less per call.
     Every argument is checked before anything changes: a bad call raises and
@@ -1016,6 +1086,10 @@ class KVCacheManager:
         self._lock = threading.RLock()
         self._listeners = [] if on_evict is None else [on_evict]
         self._reset_counters()
+        # The seed design's cross-check: a count kept apart from len(cache)
+        # so that the O(1) asserts after each mutation (active_entries ==
+        # len(cache)) and check_invariants have two independent counts to
+        # compare. Stats read it; nothing else depends on it.
         self._active_entries = 0
         self._used_memory = 0
         self._pinned_entries = 0
@@ -1042,20 +1116,22 @@ class KVCacheManager:
 
     def _get(self, key):
         """The live entry for ``key`` or None; ``TypeError`` naming an
-        unhashable key (the one place that translates it: hot paths look the
-        key up themselves and come here only when that raised)."""
+        unhashable key."""
         try:
             return self._cache.get(key)
         except TypeError:
-            raise TypeError(f"key {key!r} is not hashable") from None
+            _refuse_unhashable((key,))
+            raise
 
     def _entry(self, key):
         """The live entry for ``key``; ``KeyError`` naming it if absent."""
         try:
             return self._cache[key]
-        except (KeyError, TypeError):
+        except KeyError:
             pass
-        self._get(key)                  # raises for an unhashable key
+        except TypeError:
+            _refuse_unhashable((key,))
+            raise
         raise KeyError(f"no live entry for key {key!r}")
 
     def _blocks_for_all(self, sizes):
@@ -1095,8 +1171,7 @@ class KVCacheManager:
         try:
             fresh = set(keys)
         except TypeError:
-            for key in keys:
-                self._check_new_key(key)       # raises for the unhashable one
+            _refuse_unhashable(keys)
             raise
         if len(fresh) != len(keys):
             seen = set()
@@ -1113,7 +1188,8 @@ class KVCacheManager:
             if key not in self._cache:
                 return
         except TypeError:
-            self._get(key)              # raises, naming the unhashable key
+            _refuse_unhashable((key,))
+            raise
         raise KeyError(f"key {key!r} is already live; remove or resize "
                        "its entry instead")
 
@@ -1249,7 +1325,8 @@ class KVCacheManager:
             try:
                 entry = self._cache.get(key)
             except TypeError:
-                entry = self._get(key)          # raises, naming the key
+                _refuse_unhashable((key,))
+                raise
             if entry is None:
                 return None
             reports = self._release((entry,), "manual")
@@ -1268,8 +1345,7 @@ class KVCacheManager:
             try:
                 result = list(map(self._cache.get, keys))
             except TypeError:
-                for key in keys:
-                    self._get(key)          # raises for the unhashable one
+                _refuse_unhashable(keys)
                 raise
             found = [e for e in result if e is not None]
             if len(set(map(id, found))) != len(found):
@@ -1408,7 +1484,8 @@ class KVCacheManager:
         try:
             entry = self._cache.get(key)
         except TypeError:
-            entry = self._get(key)      # raises, naming the key
+            _refuse_unhashable((key,))
+            raise
         if entry is None:
             self._misses += 1
         else:
@@ -1447,7 +1524,8 @@ class KVCacheManager:
         try:
             return key in self._cache
         except TypeError:
-            return self._get(key) is not None   # raises, naming the key
+            _refuse_unhashable((key,))
+            raise
 
     def __len__(self):
         return len(self._cache)
@@ -1459,8 +1537,13 @@ class KVCacheManager:
 
     @property
     def cache(self):
-        """A read-only view of the key -> entry mapping, LRU order."""
-        return types.MappingProxyType(self._cache)
+        """A read-only view of the key -> entry mapping, least to most
+        recently used. Lookups through it are ``peek``s (no recency change,
+        no hit or miss) and it sees every later change; iterating it, or its
+        ``keys()``, ``values()`` or ``items()``, walks a snapshot taken when
+        the loop starts, so the loop may call ``m[k]``, ``get``, ``read`` or
+        remove entries (a key removed meanwhile is still yielded)."""
+        return _CacheView(self)
 
     @property
     def eviction(self):
