@@ -517,10 +517,40 @@ def test_friction_type_error_from_a_key_comparison_is_not_relabelled():
         def __eq__(self, other):
             raise TypeError("cannot compare Touchy")
 
+    class Touchy2(Touchy):              # two of them collide in a set
+        pass
+
     m = KVCacheManager(8 * 16, 16)
     m.allocate_entry("a", 16)
+    before = snapshot(m)
     for call in (lambda k: m[k], lambda k: m.peek(k), lambda k: k in m,
-                 lambda k: m.remove_cache_entry(k), lambda k: m.touch(k)):
+                 lambda k: m.remove_cache_entry(k), lambda k: m.touch(k),
+                 lambda k: m.allocate_entry(k, 1),
+                 lambda k: m.allocate_entries([k, Touchy2()], [1, 1]),
+                 lambda k: m.remove_cache_entries(["zz", k])):
         with pytest.raises(TypeError, match="cannot compare Touchy"):
             call(Touchy())
-    m.check_invariants()
+        assert_same(before, m)
+
+
+def test_friction_load_adopts_or_copies_the_arena(tmp_path):
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entry("a", 20)
+    m.write("a", b"abc")
+    state = m.__getstate__()
+    arena = state["arrays"]["arena"]
+    back = KVCacheManager.__new__(KVCacheManager)
+    back.__setstate__(state)            # a writable arena of its own: adopted
+    assert np.shares_memory(back.pool.arena, arena) and back == m
+    arena.flags.writeable = False       # a read-only one: copied
+    back = KVCacheManager.__new__(KVCacheManager)
+    back.__setstate__(state)
+    assert not np.shares_memory(back.pool.arena, arena) and back == m
+    back.write("a", b"xyz")
+    back.check_invariants()
+    assert bytes(arena[:3]) == b"abc"
+    state["arrays"]["arena"] = arena.view(np.int8)
+    with pytest.raises(ValueError, match="inconsistent snapshot: array 'arena'"
+                                         " has dtype int8"):
+        KVCacheManager.__new__(KVCacheManager).__setstate__(state)
+    assert repr(m.cache) == f"<cache view of {m!r}>"
