@@ -57,15 +57,16 @@ __all__ = [
 __version__ = "0.1.0"
 
 import collections
+import collections.abc
 import dataclasses
 import itertools
 import json
 import operator
 import os
+import re
 import tempfile
 import threading
 import time
-import types
 
 import numba
 import numpy as np
@@ -951,41 +952,6 @@ class PoolStats:
         return dataclasses.asdict(self)
 
 
-def _key_to_json(key):
-    """A JSON value for a savable key (CacheKey, str, int, bytes, tuples)."""
-    if isinstance(key, CacheKey):
-        return {"CacheKey": [key.name, key.id]}
-    if isinstance(key, str):
-        return {"str": key}
-    if isinstance(key, bytes):
-        return {"bytes": key.hex()}
-    if isinstance(key, int) and not isinstance(key, bool):
-        return {"int": int(key)}
-    if isinstance(key, tuple):
-        return {"tuple": [_key_to_json(k) for k in key]}
-    raise TypeError(f"key {key!r} of type {type(key).__name__} cannot be "
-                    "saved; savable keys are CacheKey, str, int, bytes and "
-                    "tuples of these")
-
-
-def _key_from_json(value):
-    """Inverse of ``_key_to_json``; ``ValueError`` on anything else."""
-    if isinstance(value, dict) and len(value) == 1:
-        (tag, v), = value.items()
-        if (tag == "CacheKey" and isinstance(v, list) and len(v) == 2
-                and isinstance(v[0], str) and type(v[1]) is int):
-            return CacheKey(v[0], v[1])
-        if tag == "str" and isinstance(v, str):
-            return v
-        if tag == "bytes" and isinstance(v, str):
-            return bytes.fromhex(v)
-        if tag == "int" and type(v) is int:
-            return v
-        if tag == "tuple" and isinstance(v, list):
-            return tuple(_key_from_json(k) for k in v)
-    raise ValueError(f"malformed key in snapshot: {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class EvictionReport:
     """What one removal did: delivered to eviction listeners."""
@@ -1000,12 +966,14 @@ class EvictionReport:
     timestamp: float             # time.monotonic() at the removal
 
     def to_dict(self):
-        """Plain JSON-serializable values (a CacheKey becomes a small dict)."""
-        key = self.key
-        if isinstance(key, CacheKey):
-            key = {"name": key.name, "id": key.id}
-        elif not isinstance(key, (str, int, float, bool, type(None))):
-            key = repr(key)
+        """Plain JSON-serializable values. The key takes the form a snapshot
+        file gives it (``{"CacheKey": ["seq", 7]}``, ``{"str": "a"}``, ...;
+        see ``_key_to_json``), or ``{"repr": repr(key)}`` for a key that
+        cannot be saved."""
+        try:
+            key = _key_to_json(self.key)
+        except TypeError:
+            key = {"repr": repr(self.key)}
         return {
             "key": key, "reason": self.reason, "size": self.size,
             "blocks": list(self.blocks), "blocks_freed": self.blocks_freed,
@@ -1029,6 +997,18 @@ def _as_int(value, name):
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {value!r} of type "
                         f"{type(value).__name__}") from None
+
+
+def _refuse_unhashable(keys):
+    """Raise ``TypeError`` naming the first of ``keys`` that cannot be hashed.
+    The one place that words this error: a dict lookup that raised
+    ``TypeError`` calls it, then re-raises the original when every key
+    hashes (the error came from comparing a key, and says so itself)."""
+    for key in keys:
+        try:
+            hash(key)
+        except TypeError:
+            raise TypeError(f"key {key!r} is not hashable") from None
 
 
 def _as_bytes(data):
@@ -1071,9 +1051,173 @@ def _as_arena(buffer, total_size):
     return buffer.view(np.ndarray).reshape(-1)
 
 
+# -- persistence: keys as JSON, the snapshot file -----------------------------
+
+_INT64_MIN, _INT64_END = -(1 << 63), 1 << 63
+_HEX_INT = re.compile(r"-?0x[0-9a-f]+")
+
+
+def _int_to_json(value):
+    """An int as JSON: a number when it fits in 64 bits, else a hex string
+    such as ``"-0x1f"`` (Python refuses decimal conversions of more than
+    about 4,300 digits, in both directions; base 16 has no such limit)."""
+    return value if _INT64_MIN <= value < _INT64_END else hex(value)
+
+
+def _int_from_json(value):
+    """Inverse of ``_int_to_json`` (either form); None for anything else."""
+    if type(value) is int:
+        return value
+    if type(value) is str and _HEX_INT.fullmatch(value):
+        return int(value, 16)
+    return None
+
+
+def _key_to_json(key):
+    """The one JSON form of a savable key, used by snapshot files and by
+    ``EvictionReport.to_dict``: ``{"CacheKey": [name, id]}``, ``{"str": s}``,
+    ``{"bytes": hex}``, ``{"int": n}`` or ``{"tuple": [...]}``, ints as
+    ``_int_to_json`` writes them. Exactly these types: a subclass (a
+    ``CacheKey`` subclass, an ``IntEnum``, a namedtuple) would load as its
+    base type, a different key, so it is refused with ``TypeError``."""
+    kind = type(key)
+    if kind is CacheKey and type(key.name) is str and type(key.id) is int:
+        return {"CacheKey": [key.name, _int_to_json(key.id)]}
+    if kind is str:
+        return {"str": key}
+    if kind is bytes:
+        return {"bytes": key.hex()}
+    if kind is int:
+        return {"int": _int_to_json(key)}
+    if kind is tuple:
+        return {"tuple": [_key_to_json(k) for k in key]}
+    for base in (CacheKey, str, bytes, int, tuple):
+        if isinstance(key, base) and not isinstance(key, bool):
+            raise TypeError(
+                f"key {key!r} of type {kind.__name__} (a subclass of "
+                f"{base.__name__}, or holding one) cannot be saved: it would "
+                f"load as a plain {base.__name__}, a different key")
+    raise TypeError(f"key {key!r} of type {kind.__name__} cannot be saved; "
+                    "savable keys are CacheKey, str, int, bytes and tuples "
+                    "of these (exactly these types)")
+
+
+def _key_from_json(value):
+    """Inverse of ``_key_to_json``; ``ValueError`` on anything else."""
+    if type(value) is dict and len(value) == 1:
+        (tag, v), = value.items()
+        if tag == "CacheKey" and type(v) is list and len(v) == 2:
+            name, id_ = v[0], _int_from_json(v[1])
+            if type(name) is str and id_ is not None:
+                return CacheKey(name, id_)
+        if tag == "str" and type(v) is str:
+            return v
+        if tag == "bytes" and type(v) is str:
+            return bytes.fromhex(v)
+        if tag == "int" and _int_from_json(v) is not None:
+            return _int_from_json(v)
+        if tag == "tuple" and type(v) is list:
+            return tuple(_key_from_json(k) for k in v)
+    raise ValueError(f"malformed key in snapshot: {value!r}")
+
+
+def _write_snapshot(path, meta, arrays, keys):
+    """Write ``meta`` (with the keys' JSON) and ``arrays`` to one ``.npz``
+    at ``path`` (a str), atomically: a temporary file in the same directory,
+    renamed into place. ``TypeError``, and nothing written, for a key that
+    cannot be saved."""
+    meta = dict(meta, keys=[_key_to_json(k) for k in keys])
+    arrays = dict(arrays, meta=np.frombuffer(json.dumps(meta).encode(),
+                                             np.uint8))
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=".kvpool-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                # mkstemp's 0600 is for secrets
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_snapshot(path):
+    """(meta, arrays, keys) from a file ``_write_snapshot`` wrote at ``path``
+    (a str). Never unpickles. Each array is read once into a new array of
+    its own (the arena is then adopted by the manager, not copied);
+    ``ValueError`` for a file that is not such a snapshot."""
+    with open(path, "rb") as f:
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+            meta = json.loads(arrays.pop("meta").tobytes())
+            keys = [_key_from_json(k) for k in meta.pop("keys")]
+        except Exception as exc:                # noqa: BLE001 - reworded
+            raise ValueError(f"{path!r} is not a readable kvpool snapshot: "
+                             f"{exc}") from None
+    return meta, arrays, keys
+
+
 # -- the manager -------------------------------------------------------------
 
 _N_BLOCKS = operator.attrgetter("n_blocks")
+
+
+class _CacheView(collections.abc.Mapping):
+    """``m.cache``: see that property. Iteration copies the keys (or items)
+    under the manager's lock, as ``iter(m)`` does."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, manager):
+        self._m = manager
+
+    def __getitem__(self, key):
+        entry = self._m.peek(key)
+        if entry is None:
+            raise KeyError(f"no live entry for key {key!r}")
+        return entry
+
+    def __contains__(self, key):
+        return key in self._m
+
+    def __len__(self):
+        return len(self._m._cache)
+
+    def __iter__(self):
+        return iter(self._m)
+
+    def _items(self):
+        with self._m._lock:
+            return list(self._m._cache.items())
+
+    def items(self):
+        return _SnapshotItems(self)
+
+    def values(self):
+        return _SnapshotValues(self)
+
+    def __repr__(self):
+        return f"<cache view of {self._m!r}>"
+
+
+class _SnapshotItems(collections.abc.ItemsView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return iter(self._mapping._items())
+
+
+class _SnapshotValues(collections.abc.ValuesView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return (entry for _, entry in self._mapping._items())
 
 
 class KVCacheManager:
@@ -1093,9 +1237,15 @@ class KVCacheManager:
     Persistence: ``save``, ``load``, pickle and deepcopy.
     Audit: ``check_invariants``.
 
-    Every public operation holds one lock, so a manager may be shared between
-    threads; the pool itself, driven from compiled code, is the caller's to
-    guard. The per-entry hot paths (``allocate_entry``, ``resize_entry``,
+    Every public operation that reads or changes entries, counters or bytes
+    holds one lock, so a manager may be shared between threads. These take
+    none: ``len`` and ``in`` (one read of the dict each), ``block_view`` (a
+    view of the arena, no entry involved), the properties ``eviction``,
+    ``block_size``, ``zero_on_alloc`` and ``cache`` (the view's lookups and
+    iteration do lock), ``load`` (a manager no one else has yet), and
+    ``m.pool`` itself, which, driven directly or from compiled code, is the
+    caller's to guard. Arguments are converted before the lock is taken.
+    Eviction listeners run after it is released. The per-entry hot paths (``allocate_entry``, ``resize_entry``,
     ``remove_cache_entry``, ``get``, ``m[key]``) take it with ``acquire`` and
     ``try``/``finally`` instead of ``with``: about 90 ns less per call.
     Every argument is checked before anything changes: a bad call raises and
@@ -1137,6 +1287,10 @@ class KVCacheManager:
         self._lock = threading.RLock()
         self._listeners = [] if on_evict is None else [on_evict]
         self._reset_counters()
+        # The seed design's cross-check: a count kept apart from len(cache)
+        # so that the O(1) asserts after each mutation (active_entries ==
+        # len(cache)) and check_invariants have two independent counts to
+        # compare. Stats read it; nothing else depends on it.
         self._active_entries = 0
         self._used_memory = 0
         self._pinned_entries = 0
@@ -1163,20 +1317,22 @@ class KVCacheManager:
 
     def _get(self, key):
         """The live entry for ``key`` or None; ``TypeError`` naming an
-        unhashable key (the one place that translates it: hot paths look the
-        key up themselves and come here only when that raised)."""
+        unhashable key."""
         try:
             return self._cache.get(key)
         except TypeError:
-            raise TypeError(f"key {key!r} is not hashable") from None
+            _refuse_unhashable((key,))
+            raise
 
     def _entry(self, key):
         """The live entry for ``key``; ``KeyError`` naming it if absent."""
         try:
             return self._cache[key]
-        except (KeyError, TypeError):
+        except KeyError:
             pass
-        self._get(key)                  # raises for an unhashable key
+        except TypeError:
+            _refuse_unhashable((key,))
+            raise
         raise KeyError(f"no live entry for key {key!r}")
 
     def _blocks_for_all(self, sizes):
@@ -1188,6 +1344,9 @@ class KVCacheManager:
             items = np.asarray(sizes).reshape(-1)
             if items.dtype.kind in "iu":
                 flat = items
+            elif items.dtype.kind != "O":   # tolist() makes ints of some
+                raise TypeError(f"sizes must be integers, got an array of "
+                                f"dtype {items.dtype}")
         else:
             items = list(sizes)
             if list(map(type, items)).count(int) == len(items):  # no bools
@@ -1213,8 +1372,7 @@ class KVCacheManager:
         try:
             fresh = set(keys)
         except TypeError:
-            for key in keys:
-                self._check_new_key(key)       # raises for the unhashable one
+            _refuse_unhashable(keys)
             raise
         if len(fresh) != len(keys):
             seen = set()
@@ -1231,7 +1389,8 @@ class KVCacheManager:
             if key not in self._cache:
                 return
         except TypeError:
-            self._get(key)              # raises, naming the unhashable key
+            _refuse_unhashable((key,))
+            raise
         raise KeyError(f"key {key!r} is already live; remove or resize "
                        "its entry instead")
 
@@ -1369,7 +1528,8 @@ class KVCacheManager:
             try:
                 entry = self._cache.get(key)
             except TypeError:
-                entry = self._get(key)          # raises, naming the key
+                _refuse_unhashable((key,))
+                raise
             if entry is None:
                 return None
             reports = self._release((entry,), "manual")
@@ -1381,24 +1541,28 @@ class KVCacheManager:
 
     def remove_cache_entries(self, keys):
         """Remove many entries in one compiled call; a list of the removed
-        entries, None where a key was absent (as one by one, in order)."""
+        entries, None where a key was absent or its entry was already named
+        earlier in ``keys`` (as one by one, in order)."""
         with self._lock:
             keys = list(keys)
             try:
                 result = list(map(self._cache.get, keys))
-                repeats = len(set(keys)) != len(keys)
             except TypeError:
-                for key in keys:
-                    self._get(key)          # raises for the unhashable one
+                _refuse_unhashable(keys)
                 raise
-            if repeats:                     # a repeat finds its entry gone
+            found = [e for e in result if e is not None]
+            if len(set(map(id, found))) != len(found):
+                # A repeat, by entry rather than by key (two keys that are
+                # not equal may both equal the stored one): it finds its
+                # entry gone, as one by one.
                 seen = set()
-                for i, key in enumerate(keys):
-                    if key in seen:
-                        result[i] = None
-                    seen.add(key)
-            reports = self._release([e for e in result if e is not None],
-                                    "manual")
+                for i, entry in enumerate(result):
+                    if entry is not None:
+                        if id(entry) in seen:
+                            result[i] = None
+                        seen.add(id(entry))
+                found = [e for e in result if e is not None]
+            reports = self._release(found, "manual")
         if reports:
             self._deliver(reports)
         return result
@@ -1524,7 +1688,8 @@ class KVCacheManager:
         try:
             entry = self._cache.get(key)
         except TypeError:
-            entry = self._get(key)      # raises, naming the key
+            _refuse_unhashable((key,))
+            raise
         if entry is None:
             self._misses += 1
         else:
@@ -1563,7 +1728,8 @@ class KVCacheManager:
         try:
             return key in self._cache
         except TypeError:
-            return self._get(key) is not None   # raises, naming the key
+            _refuse_unhashable((key,))
+            raise
 
     def __len__(self):
         return len(self._cache)
@@ -1575,8 +1741,13 @@ class KVCacheManager:
 
     @property
     def cache(self):
-        """A read-only view of the key -> entry mapping, LRU order."""
-        return types.MappingProxyType(self._cache)
+        """A read-only view of the key -> entry mapping, least to most
+        recently used. Lookups through it are ``peek``s (no recency change,
+        no hit or miss) and it sees every later change; iterating it, or its
+        ``keys()``, ``values()`` or ``items()``, walks a snapshot taken when
+        the loop starts, so the loop may call ``m[k]``, ``get``, ``read`` or
+        remove entries (a key removed meanwhile is still yielded)."""
+        return _CacheView(self)
 
     @property
     def pool(self):
@@ -1630,40 +1801,57 @@ class KVCacheManager:
 
     # bytes -----------------------------------------------------------------------
 
-    def _span(self, entry, offset, nbytes):
-        offset = _as_int(offset, "offset")
+    @staticmethod
+    def _span(entry, offset, nbytes):
+        """Refuse ``nbytes`` at ``offset`` (ints) unless they fit the entry."""
         if offset < 0 or offset + nbytes > entry.size:
             raise ValueError(f"{nbytes} bytes at offset {offset} do not fit in "
                              f"the entry of {entry.size} bytes")
-        return offset
 
     def write(self, key, data, offset=0):
         """Copy the raw bytes of ``data`` into the entry from byte ``offset``,
         across block boundaries, in one compiled call; ``ValueError`` (and
         nothing written) if they would not fit. The entry becomes most
         recently used."""
+        raw = _as_bytes(data)
+        offset = _as_int(offset, "offset")
         with self._lock:
             entry = self._entry(key)
-            raw = _as_bytes(data)
-            offset = self._span(entry, offset, raw.shape[0])
+            self._span(entry, offset, raw.shape[0])
             status = _K["write_chain"](self._arena, self._meta, entry.block,
                                        entry.n_blocks, offset, raw)
             assert status == OK, f"write_chain failed with status {status}"
             self._cache.move_to_end(key)
 
-    def read(self, key, dtype=np.uint8, offset=0, count=-1):
+    def read(self, key, dtype=np.uint8, offset=0, count=-1, *, out=None):
         """A new array of ``count`` items of ``dtype`` (all the rest of the
         entry when -1) read from byte ``offset``, in one compiled call. The
-        entry becomes most recently used."""
+        entry becomes most recently used.
+
+        With ``out`` the items go there instead and ``out`` is returned, with
+        no allocation: a writable, C-contiguous numpy array of ``dtype``, of
+        any shape, holding exactly the items read, and not a view of the
+        arena (checked, like every argument, before anything changes).
+        A subarray dtype such as ``("f4", (2,))`` is refused: read its base
+        dtype and reshape.
+        """
+        if dtype is None:
+            raise TypeError("dtype must be given, not None")
+        dtype = _UINT8 if dtype is np.uint8 else np.dtype(dtype)
+        if dtype.hasobject or dtype.itemsize == 0:
+            raise TypeError(f"cannot read items of dtype {dtype}")
+        if dtype.subdtype is not None:
+            raise TypeError(f"cannot read items of the subarray dtype {dtype}: "
+                            f"read {dtype.base} and reshape to "
+                            f"(-1, {', '.join(map(str, dtype.shape))})")
+        offset = _as_int(offset, "offset")
+        count = _as_int(count, "count")
+        if count < -1:
+            raise ValueError(f"count must be -1 or >= 0, got {count}")
+        if out is not None:
+            into = self._out_bytes(out, dtype)
         with self._lock:
             entry = self._entry(key)
-            if dtype is None:
-                raise TypeError("dtype must be given, not None")
-            dtype = _UINT8 if dtype is np.uint8 else np.dtype(dtype)
-            if dtype.hasobject or dtype.itemsize == 0:
-                raise TypeError(f"cannot read items of dtype {dtype}")
-            offset = _as_int(offset, "offset")
-            count = _as_int(count, "count")
             if not 0 <= offset <= entry.size:
                 raise ValueError(f"offset {offset} is outside the entry of "
                                  f"{entry.size} bytes")
@@ -1673,17 +1861,39 @@ class KVCacheManager:
                     raise ValueError(f"{nbytes} bytes from offset {offset} do "
                                      f"not divide into items of {dtype} "
                                      f"({dtype.itemsize} bytes)")
-            elif count < 0:
-                raise ValueError(f"count must be -1 or >= 0, got {count}")
             else:
                 nbytes = count * dtype.itemsize
-            offset = self._span(entry, offset, nbytes)
-            out = np.empty(nbytes, np.uint8)
+            self._span(entry, offset, nbytes)
+            if out is None:
+                into = np.empty(nbytes, np.uint8)
+            elif into.shape[0] != nbytes:
+                raise ValueError(f"out holds {out.size} items of {dtype}, but "
+                                 f"{nbytes // dtype.itemsize} are read")
             status = _K["read_chain"](self._arena, self._meta, entry.block,
-                                      entry.n_blocks, offset, out)
+                                      entry.n_blocks, offset, into)
             assert status == OK, f"read_chain failed with status {status}"
             self._cache.move_to_end(key)
-            return out if dtype is _UINT8 else out.view(dtype)
+        if out is not None:
+            return out
+        return into if dtype is _UINT8 else into.view(dtype)
+
+    def _out_bytes(self, out, dtype):
+        """The bytes of ``read``'s ``out`` as a flat ``uint8`` view, or the
+        error naming what is wrong with it."""
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy array, got "
+                            f"{type(out).__name__}")
+        if out.dtype != dtype:
+            raise TypeError(f"out has dtype {out.dtype} but the items read are "
+                            f"{dtype}: pass dtype=out.dtype")
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        if not out.flags.writeable:
+            raise ValueError("out must be writable")
+        if np.may_share_memory(out, self._arena):
+            raise ValueError("out is a view of the arena: read into an array "
+                             "of your own (or use views())")
+        return out.view(np.ndarray).reshape(-1).view(np.uint8)
 
     def block_view(self, block):
         """A zero-copy ``uint8`` view of one block of the arena."""
@@ -1792,22 +2002,31 @@ class KVCacheManager:
     @classmethod
     def _from_state(cls, meta, arrays, keys):
         """A new manager from ``_state()``'s parts; ``ValueError`` (and no
-        manager) unless they describe a consistent one."""
+        manager) unless they describe a consistent one. It adopts
+        ``arrays["arena"]`` as its arena, without a copy when that is a
+        writable, C-contiguous ``uint8`` array: callers pass arrays of their
+        own (``load`` the ones it read, pickle the unpickled ones). Every
+        number is checked in Python before the compiled pool sees it."""
         try:
             if meta.get("format") != FORMAT_VERSION:
                 raise ValueError(f"snapshot format {meta.get('format')!r} is not "
                                  f"the supported version {FORMAT_VERSION}")
             bs, nb = meta["block_size"], meta["total_blocks"]
+            arena = arrays["arena"]
             if (type(bs) is not int or type(nb) is not int or bs <= 0 or nb <= 0
-                    or arrays["arena"].shape != (bs * nb,)):
+                    or arena.shape != (bs * nb,)):
                 raise ValueError(f"block_size={bs!r} and total_blocks={nb!r} "
-                                 f"do not match an arena of shape "
-                                 f"{arrays['arena'].shape}")
+                                 f"do not match an arena of shape {arena.shape}")
+            if arena.dtype != np.uint8:
+                raise ValueError(f"array 'arena' has dtype {arena.dtype}, "
+                                 "expected uint8")
+            if not (arena.flags.c_contiguous and arena.flags.writeable):
+                arena = arena.copy()
             m = cls(bs * nb, bs, eviction=meta["eviction"],
-                    zero_on_alloc=meta["zero_on_alloc"])
+                    zero_on_alloc=meta["zero_on_alloc"], buffer=arena)
             pool = m._pool
-            for name, target in (("arena", m._arena), ("ring", pool.ring),
-                                 ("state", pool.state), ("link", pool.link)):
+            for name, target in (("ring", pool.ring), ("state", pool.state),
+                                 ("link", pool.link)):
                 src = arrays[name]
                 if src.shape != target.shape or src.dtype != target.dtype:
                     raise ValueError(f"array {name!r} has shape {src.shape} and "
@@ -1815,19 +2034,30 @@ class KVCacheManager:
                                      f"{target.shape} and {target.dtype}")
                 target[...] = src
             for name in ("head", "count", "bump", "peak_used"):
-                if type(meta[name]) is not int:
-                    raise ValueError(f"counter {name!r} is {meta[name]!r}")
-                setattr(pool, name, meta[name])
-            for name, kinds in (("sizes", "iu"), ("heads", "iu"),
-                                ("n_blocks", "iu"), ("pinned", "b")):
-                if arrays[name].ndim != 1 or arrays[name].dtype.kind not in kinds:
-                    raise ValueError(f"column {name!r} has dtype "
-                                     f"{arrays[name].dtype} and shape "
-                                     f"{arrays[name].shape}")
-            columns = [arrays[n].tolist() for n in ("sizes", "heads", "n_blocks",
-                                                    "pinned")]
-            if any(len(c) != len(keys) for c in columns):
-                raise ValueError("entry columns differ in length from the keys")
+                value = meta[name]
+                if type(value) is not int or not (
+                        _INT64_MIN <= value < _INT64_END):   # range: audited
+                    raise ValueError(f"counter {name!r} is {value!r}, not a "
+                                     "64-bit int")
+                setattr(pool, name, value)
+            columns = []
+            for name, kinds, lo, hi in (("sizes", "iu", 1, bs * nb),
+                                        ("heads", "iu", 0, nb - 1),
+                                        ("n_blocks", "iu", 1, nb),
+                                        ("pinned", "b", False, True)):
+                column = arrays[name]
+                if column.ndim != 1 or column.dtype.kind not in kinds:
+                    raise ValueError(f"column {name!r} has dtype {column.dtype} "
+                                     f"and shape {column.shape}")
+                column = column.tolist()
+                if len(column) != len(keys):
+                    raise ValueError(f"column {name!r} holds {len(column)} "
+                                     f"values for {len(keys)} keys")
+                for value in column:
+                    if not lo <= value <= hi:
+                        raise ValueError(f"column {name!r} holds {value}, not "
+                                         f"within [{lo}, {hi}]")
+                columns.append(column)
             counters = [meta["allocations"], meta["hits"], meta["misses"]]
             counters += [meta["evictions"][r] for r in REASONS]
             if any(type(c) is not int or c < 0 for c in counters):
@@ -1835,10 +2065,10 @@ class KVCacheManager:
                                  "non-negative ints")
             for key, size, head, n, pinned in zip(keys, *columns):
                 entry = KVPoolEntry(key, size, head, n, pool)
-                entry.pinned = bool(pinned)
+                entry.pinned = pinned
                 m._cache[key] = entry
                 m._used_memory += size
-                m._pinned_entries += entry.pinned
+                m._pinned_entries += pinned
             m._active_entries = len(m._cache)
             m._allocations = meta["allocations"]
             m._evictions = {r: meta["evictions"][r] for r in REASONS}
@@ -1855,47 +2085,23 @@ class KVCacheManager:
         return m
 
     def save(self, path):
-        """Write the whole manager to one ``.npz`` file at ``path``, atomically:
-        a temporary file in the same directory, renamed into place. Keys must
-        be CacheKey, str, int, bytes or tuples of these (``TypeError``, and
+        """Write the whole manager to one ``.npz`` file at ``path`` (str,
+        bytes or path-like), atomically: a temporary file in the same
+        directory, renamed into place. Keys must be CacheKey, str, int,
+        bytes or tuples of these, exactly these types (``TypeError``, and
         nothing written, otherwise)."""
+        path = os.fsdecode(path)
         with self._lock:
-            meta, arrays, keys = self._state()
-            meta["keys"] = [_key_to_json(k) for k in keys]
-            arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-            path = os.fspath(path)
-            fd, tmp = tempfile.mkstemp(
-                dir=os.path.dirname(os.path.abspath(path)), prefix=".kvpool-",
-                suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **arrays)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o644)            # mkstemp's 0600 is for secrets
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            _write_snapshot(path, *self._state())
 
     @classmethod
     def load(cls, path):
-        """The manager saved at ``path``: same entries, bytes, stats and
-        future block ids. Never unpickles; a truncated, corrupt, foreign or
-        incompatible file raises ``ValueError``."""
-        with open(path, "rb") as f:
-            try:
-                with np.load(f, allow_pickle=False) as z:
-                    arrays = {name: z[name] for name in z.files}
-                meta = json.loads(arrays.pop("meta").tobytes())
-                keys = [_key_from_json(k) for k in meta.pop("keys")]
-            except Exception as exc:                # noqa: BLE001 - reworded
-                raise ValueError(f"{os.fspath(path)!r} is not a readable kvpool "
-                                 f"snapshot: {exc}") from None
-        return cls._from_state(meta, arrays, keys)
+        """The manager saved at ``path`` (str, bytes or path-like): same
+        entries, bytes, stats and future block ids. Never unpickles; a
+        truncated, corrupt, foreign or incompatible file raises
+        ``ValueError``. The file's arena becomes the manager's: one arena
+        in memory, not two."""
+        return cls._from_state(*_read_snapshot(os.fsdecode(path)))
 
     def __getstate__(self):
         """Pickling and deepcopy carry everything ``save`` does, with any
@@ -3036,7 +3242,9 @@ def _audit(m):
     used_memory = 0
     pinned = 0
     for key, entry in m._cache.items():
-        if entry.key != key or entry._pool is not pool:
+        # The slot's key is the entry's own object (``is``, not ``==``: a NaN
+        # key is not equal to itself, yet the dict finds it by identity).
+        if entry.key is not key or entry._pool is not pool:
             _fail(f"cache slot {key!r} holds {entry!r} (key or pool mismatch)")
         if type(entry.size) is not int or entry.size <= 0:
             _fail(f"entry {key!r} has size {entry.size!r}")

@@ -879,7 +879,7 @@ def test_eviction_reports_fields_and_json():
     assert r.stats_after.lru_evictions == r.stats_before.lru_evictions + 1
     assert r.stats_after.active_entries == 1
     d = json.loads(json.dumps(r.to_dict()))
-    assert d["key"] == {"name": "s", "id": 1} and d["blocks"] == [0, 1, 2]
+    assert d["key"] == {"CacheKey": ["s", 1]} and d["blocks"] == [0, 1, 2]
     assert d["stats_after"]["evictions"] == 1
     m.remove_cache_entries(["b", "c"])
     assert [(x.key, x.reason) for x in reports[1:]] == [("b", "manual"), ("c", "manual")]
