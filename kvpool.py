@@ -235,42 +235,32 @@ def _allocate(meta):
 
 
 @njit(cache=True)
-def _release_status(state, ids):
-    """``(index, status)`` of the first id in ``ids`` that a release refuses,
-    or ``(-1, OK)``: out of range, a repeat, a chain's block, or not taken.
-    Marks the ids it passes FREE and then restores them (a repeat shows as
-    no longer HELD), so ``state`` ends as it began."""
+def _release_n(meta, ids):
+    """Return HELD blocks ``ids`` to the ring tail in order; ``(-1, OK)``, or
+    the first bad id's index and ``ERR_*`` code (out of range, a repeat, a
+    chain's block, not taken), freeing nothing. One pass marks each id FREE
+    as it goes, so a repeat shows as no longer HELD; a refusal puts the
+    marked ones back."""
+    state = _state_of(meta)
     total = state.shape[0]
-    bad = -1
-    status = OK
     for i in range(ids.shape[0]):
         b = ids[i]
+        status = OK
         if b < 0 or b >= total:
-            bad, status = i, ERR_RANGE
-            break
-        s = state[b]
-        if s != HELD:
-            bad = i
+            status = ERR_RANGE
+        elif state[b] != HELD:
+            s = state[b]
             status = ERR_IN_ENTRY if s == HEAD or s == LINK else ERR_NOT_ALLOCATED
             for k in range(i):
                 if ids[k] == b:
                     status = ERR_DUPLICATE
-            break
+        if status != OK:
+            for k in range(i):
+                state[ids[k]] = HELD
+            return i, status
         state[b] = FREE
-    for k in range(bad if bad >= 0 else ids.shape[0]):
-        state[ids[k]] = HELD
-    return bad, status
-
-
-@njit(cache=True)
-def _release_n(meta, ids):
-    """Return HELD blocks ``ids`` to the ring tail in order; ``(-1, OK)``, or
-    the first bad id's index and ``ERR_*`` code, freeing nothing."""
-    state = _state_of(meta)
-    bad, status = _release_status(state, ids)
-    if bad < 0:
-        _put(state, meta, ids)
-    return bad, status
+    _put(state, meta, ids)
+    return -1, OK
 
 
 @njit(cache=True)
@@ -293,25 +283,33 @@ def _release(meta, block):
 
 @njit(cache=True)
 def _walk(state, link, head, n, out, at):
-    """How many blocks (up to ``n``) the chain at ``head`` has before a bad id
-    or state; ``n + 1`` if it is exactly ``n`` long and ends. Records the good
-    ids it passes in ``out`` from index ``at`` on, wrapping to 0 at its end;
-    an empty ``out`` records nothing. Takes at most ``len(state)`` steps, so a
-    corrupted cycle cannot trap it."""
+    """``(got, ended)``: how many blocks (up to ``n``) the chain at ``head``
+    has before a bad id or state, and whether the walk stopped at the
+    chain's end (``NO_BLOCK``) rather than at ``n`` or a bad block. Records
+    the good ids it passes in ``out`` from index ``at`` on, wrapping to 0 at
+    its end; an empty ``out`` records nothing. Takes at most ``len(state)``
+    steps, so a corrupted cycle cannot trap it."""
     total = state.shape[0]
     size = out.shape[0]
-    steps = min(n, total)
     b = head
-    for i in range(steps):
+    for i in range(min(n, total)):
+        if b == NO_BLOCK:
+            return i, i > 0
         if b < 0 or b >= total or state[b] != (HEAD if i == 0 else LINK):
-            return i
+            return i, False
         if size > 0:
             out[at] = b
             at = at + 1 if at + 1 < size else 0
         b = link[b]
-    if steps < n:                       # more good blocks than exist
-        return steps
-    return n + 1 if b == NO_BLOCK and n > 0 else n
+    return min(n, total), b == NO_BLOCK
+
+
+@njit(cache=True)
+def _is_chain(state, link, head, n, out, at):
+    """Whether ``head`` starts a chain of exactly ``n >= 1`` blocks (ids
+    recorded as ``_walk`` does)."""
+    got, ended = _walk(state, link, head, n, out, at)
+    return n >= 1 and got == n and ended
 
 
 @njit(cache=True)
@@ -320,7 +318,7 @@ def _chain_blocks(meta, head, n):
     bad link or state (so a short result means a broken chain)."""
     state = _state_of(meta)
     out = np.empty(max(min(n, state.shape[0]), 0), np.int64)
-    return out[:_walk(state, _parts(state, meta)[1], head, n, out, 0)]
+    return out[:_walk(state, _parts(state, meta)[1], head, n, out, 0)[0]]
 
 
 @njit(cache=True)
@@ -391,10 +389,8 @@ def _free_chains(meta, heads):
     done = 0
     for k in range(heads.shape[0]):
         room = total - count - done     # no valid chain is longer
-        got = _walk(state, link, heads[k], room, ring, at)
-        if got > room:                  # exactly fills the room, and ends
-            got = room
-        elif got == 0 or link[ring[(at + got - 1) % total]] != NO_BLOCK:
+        got, ended = _walk(state, link, heads[k], room, ring, at)
+        if got == 0 or not ended:
             for i in range(done):       # undo the marks of chains 0..k-1
                 state[ring[(start + i) % total]] = LINK
             for j in range(k):
@@ -423,7 +419,7 @@ def _free_chain(meta, head, n):
     if n > total - count:               # more than the ring has room for
         return ERR_BAD_CHAIN            # (so more than are in use)
     tail = _tail(total, ctr[C_HEAD], count)
-    if _walk(state, link, head, n, ring, tail) != n + 1:
+    if not _is_chain(state, link, head, n, ring, tail):
         return ERR_BAD_CHAIN
     for i in range(n):
         state[ring[tail]] = FREE
@@ -444,7 +440,7 @@ def _resize_chain(arena, meta, head, n_old, n_new, zero_from, zero):
     state = _state_of(meta)
     ring, link, ctr = _parts(state, meta)
     ids = np.empty(max(min(n_old, state.shape[0]), 0), np.int64)
-    if _walk(state, link, head, n_old, ids, 0) != n_old + 1 or n_new < 1:
+    if not _is_chain(state, link, head, n_old, ids, 0) or n_new < 1:
         return ERR_BAD_CHAIN
     if zero_from < 0:
         return ERR_RANGE
@@ -467,68 +463,161 @@ def _resize_chain(arena, meta, head, n_old, n_new, zero_from, zero):
 
 
 @njit(cache=True)
-def _copy(arena, state, meta, head, n, offset, buf, into_arena):
-    """Scatter ``buf`` into (or gather it from) the chain's bytes starting
-    ``offset`` bytes in; ``OK`` or an ``ERR_*`` code, copying nothing.
-    Blocks adjacent in the arena are copied as one run; a ``buf`` that
-    overlaps the arena goes through a copy, as memmove would."""
+def _span_status(arena, state, meta, head, n, offset, size):
+    """``OK`` if ``size`` bytes from ``offset`` lie inside the chain of ``n``
+    blocks at ``head``, else ``ERR_BAD_CHAIN`` or ``ERR_RANGE``."""
     ring, link, ctr = _parts(state, meta)
-    if _walk(state, link, head, n, ring[:0], 0) != n + 1:   # (records nothing)
+    if not _is_chain(state, link, head, n, ring[:0], 0):   # (records nothing)
         return ERR_BAD_CHAIN
-    size = buf.shape[0]
-    bs = ctr[C_BLOCK_SIZE]
-    if offset < 0 or offset > n * bs - size:        # (no int64 overflow)
+    if offset < 0 or offset > n * ctr[C_BLOCK_SIZE] - size:   # (no overflow)
         return ERR_RANGE
-    lo = arena.ctypes.data
-    first = buf.ctypes.data                 # buf's bytes, at any stride
-    last = first + (size - 1) * buf.strides[0]
-    overlap = (size > 0 and min(first, last) < lo + arena.shape[0]
-               and lo <= max(first, last))
-    user_buf = buf
-    if overlap and into_arena:
-        buf = user_buf.copy()
-    elif overlap:
-        buf = np.empty(size, np.uint8)      # filled, then copied out
-    b = head
-    for i in range(offset // bs):
-        b = link[b]
-    within = offset % bs
-    done = 0
-    while done < size:
-        start = b * bs + within
-        length = min(bs - within, size - done)
-        b = link[b]
-        while done + length < size and b * bs == start + length:
-            length = min(length + bs, size - done)
-            b = link[b]
-        run = arena[start:start + length]   # views: the loops vectorize
-        part = buf[done:done + length]
-        if into_arena:
-            for j in range(length):
-                run[j] = part[j]
-        else:
-            for j in range(length):
-                part[j] = run[j]
-        done += length
-        within = 0
-    if overlap and not into_arena:
-        for j in range(size):
-            user_buf[j] = buf[j]
     return OK
 
 
 @njit(cache=True)
+def _overlaps(arena, buf):
+    """Whether ``buf``'s bytes (at any stride) overlap the arena's."""
+    if buf.shape[0] == 0:
+        return False
+    lo = arena.ctypes.data
+    first = buf.ctypes.data
+    last = first + (buf.shape[0] - 1) * buf.strides[0]
+    return min(first, last) < lo + arena.shape[0] and lo <= max(first, last)
+
+
+@njit(cache=True)
+def _seek(link, bs, head, offset):
+    """The block of a chain that holds byte ``offset``."""
+    b = head
+    for i in range(offset // bs):
+        b = link[b]
+    return b
+
+
+@njit(cache=True)
+def _run(link, bs, b, within, left):
+    """``(start, length, next block)``: the next run of a copy that is at
+    byte ``within`` of block ``b`` with ``left`` bytes to go, blocks
+    adjacent in the arena joined into one run."""
+    start = b * bs + within
+    length = min(bs - within, left)
+    b = link[b]
+    while length < left and b * bs == start + length:
+        length = min(length + bs, left)
+        b = link[b]
+    return start, length, b
+
+
+@njit(cache=True)
+def _copy_bytes(dst, dst_at, src, src_at, n):
+    """``dst[dst_at:dst_at + n] = src[src_at:src_at + n]``, as views: the
+    loop vectorizes."""
+    d = dst[dst_at:dst_at + n]
+    s = src[src_at:src_at + n]
+    for j in range(n):
+        d[j] = s[j]
+
+
+@njit(cache=True)
 def _write_chain(arena, meta, head, n, offset, data):
-    """Copy ``data`` (``uint8``) into the chain from byte ``offset``."""
+    """Copy ``data`` (``uint8``, read-only or not) into the chain from byte
+    ``offset``; ``OK`` or an ``ERR_*`` code, writing nothing. A ``data``
+    that overlaps the arena is copied first, as memmove would."""
     state = _state_of(meta)
-    return _copy(arena, state, meta, head, n, offset, data, True)
+    status = _span_status(arena, state, meta, head, n, offset, data.shape[0])
+    if status != OK:
+        return status
+    if _overlaps(arena, data):
+        data = data.copy()
+    link, bs = _parts(state, meta)[1], meta[C_BLOCK_SIZE]
+    b = _seek(link, bs, head, offset)
+    within = offset % bs
+    done = 0
+    while done < data.shape[0]:
+        start, length, b = _run(link, bs, b, within, data.shape[0] - done)
+        _copy_bytes(arena, start, data, done, length)
+        done += length
+        within = 0
+    return OK
 
 
 @njit(cache=True)
 def _read_chain(arena, meta, head, n, offset, out):
-    """Fill ``out`` (``uint8``) from the chain's bytes at ``offset``."""
+    """Fill ``out`` (``uint8``) from the chain's bytes at ``offset``; ``OK``
+    or an ``ERR_*`` code, reading nothing. An ``out`` that overlaps the
+    arena is filled through a fresh buffer."""
     state = _state_of(meta)
-    return _copy(arena, state, meta, head, n, offset, out, False)
+    status = _span_status(arena, state, meta, head, n, offset, out.shape[0])
+    if status != OK:
+        return status
+    into = np.empty(out.shape[0], np.uint8) if _overlaps(arena, out) else out
+    link, bs = _parts(state, meta)[1], meta[C_BLOCK_SIZE]
+    b = _seek(link, bs, head, offset)
+    within = offset % bs
+    done = 0
+    while done < out.shape[0]:
+        start, length, b = _run(link, bs, b, within, out.shape[0] - done)
+        _copy_bytes(into, done, arena, start, length)
+        done += length
+        within = 0
+    if into is not out:
+        _copy_bytes(out, 0, into, 0, out.shape[0])
+    return OK
+
+
+def _arena_bytes(value):
+    """``value`` if it is a 1-D C-contiguous ``uint8`` array, else
+    ``ValueError`` naming what it is (in both modes: see the overloads)."""
+    if not (isinstance(value, np.ndarray) and value.dtype == np.uint8
+            and value.ndim == 1 and value.flags.c_contiguous):
+        raise ValueError("arena must be a 1-D C-contiguous uint8 array, got "
+                         + _describe(value))
+    return value
+
+
+def _block_ids(value):
+    """``value`` if it is a 1-D integer array, else ``TypeError`` naming
+    what it is: the block calls take numpy arrays, not lists."""
+    if not (isinstance(value, np.ndarray) and value.dtype.kind in "iu"
+            and value.ndim == 1):
+        raise TypeError("block ids must be a 1-D integer numpy array, got "
+                        + _describe(value))
+    return value
+
+
+def _describe(value):
+    if isinstance(value, np.ndarray):
+        return (f"array({value.dtype}, {value.ndim}d, "
+                f"{'C' if value.flags.c_contiguous else 'A'})")
+    return type(value).__name__
+
+
+def _refusal(error, message, result):
+    """A compiled implementation that raises ``error(message)`` yet types
+    as returning ``result``'s type."""
+    def refuse(value):
+        if len(message) > 0:            # (a branch numba cannot prune)
+            raise error(message)
+        return result
+    return refuse
+
+
+@overload(_arena_bytes)
+def _arena_bytes_compiled(value):
+    if (isinstance(value, nb_types.Array) and value.dtype == nb_types.uint8
+            and value.ndim == 1 and value.layout == "C"):
+        return lambda value: value
+    return _refusal(ValueError, "arena must be a 1-D C-contiguous uint8 "
+                    f"array, got {value}", np.empty(0, np.uint8))
+
+
+@overload(_block_ids)
+def _block_ids_compiled(value):
+    if (isinstance(value, nb_types.Array) and value.ndim == 1
+            and isinstance(value.dtype, nb_types.Integer)):
+        return lambda value: value
+    return _refusal(TypeError, "block ids must be a 1-D integer numpy "
+                    f"array, got {value}", np.empty(0, np.int64))
 
 
 # -- the jitclass ------------------------------------------------------------
@@ -578,6 +667,7 @@ class MemoryPool:
         if arena is None:
             self.arena = np.zeros(n * block_size, np.uint8)
         else:
+            arena = _arena_bytes(arena)
             if arena.shape[0] < n * block_size:
                 raise ValueError("arena is smaller than the blocks it must hold")
             self.arena = arena[:n * block_size]
@@ -650,7 +740,7 @@ class MemoryPool:
     def allocate_n(self, out):
         """Take ``len(out)`` blocks into ``out``; return ``len(out)``, or 0
         (taking nothing) when fewer are free."""
-        return _allocate_n(self.meta, out)
+        return _allocate_n(self.meta, _block_ids(out))
 
     def allocate(self):
         """Take one block; return its id, or ``NO_BLOCK`` when none is free."""
@@ -659,7 +749,7 @@ class MemoryPool:
     def release_n(self, ids):
         """Return HELD blocks ``ids`` to the ring tail in order; return ``OK``,
         or an ``ERR_*`` code and free nothing."""
-        return _release_n(self.meta, ids)[1]
+        return _release_n(self.meta, _block_ids(ids))[1]
 
     def release(self, block):
         """Return one HELD block to the ring tail; ``OK`` or an ``ERR_*``
@@ -682,7 +772,7 @@ class MemoryPool:
 
     def deallocate_n(self, ids):
         """``release_n`` that raises ``ValueError`` naming the first bad id."""
-        bad, status = _release_n(self.meta, ids)
+        bad, status = _release_n(self.meta, _block_ids(ids))
         if status != OK:
             self._raise_for(status, ids[bad])
 
@@ -703,7 +793,7 @@ class MemoryPool:
         """One chain of ``counts[k]`` blocks per k, taken in pool order; return
         their heads, or an empty array (taking nothing) if any count < 1 or
         too few blocks are free. ``zero`` zeroes the blocks' bytes."""
-        return _alloc_chains(self.arena, self.meta, counts, zero)
+        return _alloc_chains(self.arena, self.meta, _block_ids(counts), zero)
 
     def alloc_chain(self, n, zero):
         """One chain of ``n`` blocks; its head, or ``NO_BLOCK``."""
@@ -714,7 +804,7 @@ class MemoryPool:
         in order; return all their ids in that order, or an empty array
         (freeing nothing) if any head does not start a chain that ends in
         ``NO_BLOCK``, or two share a block."""
-        return _free_chains(self.meta, heads)
+        return _free_chains(self.meta, _block_ids(heads))
 
     def free_chain(self, head, n):
         """Free one chain of ``n`` blocks to the ring tail, in chain order;
@@ -794,6 +884,8 @@ class _Kernels(dict):
     resolved on first use for the one signature the manager passes."""
 
     _ARENA, _META = uint8[::1], int64[::1]
+    # (a writable array passes as a read-only one: the kernel only reads it)
+    _READ_ONLY_BYTES = nb_types.Array(nb_types.uint8, 1, "C", readonly=True)
     SIGNATURES = {
         "alloc_chain": (_alloc_chain, (_ARENA, _META, int64, boolean)),
         "alloc_chains": (_alloc_chains, (_ARENA, _META, int64[::1], boolean)),
@@ -802,7 +894,7 @@ class _Kernels(dict):
         "resize_chain": (_resize_chain, (_ARENA, _META, int64, int64, int64,
                                          int64, boolean)),
         "write_chain": (_write_chain, (_ARENA, _META, int64, int64, int64,
-                                       uint8[::1])),
+                                       _READ_ONLY_BYTES)),
         "read_chain": (_read_chain, (_ARENA, _META, int64, int64, int64,
                                      uint8[::1])),
     }
@@ -1012,8 +1104,8 @@ def _refuse_unhashable(keys):
 
 
 def _as_bytes(data):
-    """The raw bytes of ``data`` as a contiguous, writable 1-D ``uint8`` array
-    (a copy only when ``data`` is non-contiguous or read-only)."""
+    """The raw bytes of ``data`` as a contiguous 1-D ``uint8`` array, read-only
+    or not (a copy only when ``data`` is not C-contiguous)."""
     if isinstance(data, np.ndarray):
         arr = np.asarray(data)  # a plain ndarray: subclasses keep their shape
     elif isinstance(data, (bytes, bytearray)):
@@ -1026,8 +1118,7 @@ def _as_bytes(data):
     if arr.dtype.hasobject:
         raise TypeError(f"cannot write an array of dtype {arr.dtype}: it holds "
                         "Python objects, not bytes")
-    flags = arr.flags
-    if not (flags.c_contiguous and flags.writeable):
+    if not arr.flags.c_contiguous:
         arr = arr.copy()        # one compiled signature serves every input
     if arr.ndim != 1:
         arr = arr.reshape(-1)
