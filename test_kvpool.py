@@ -1,6 +1,7 @@
 """Tests for kvpool, one section per room, in the module's order: the pool,
-the manager's rules, eviction, bytes, persistence, the audit, bad input, the
-model (a hypothesis state machine), threads and faults, long runs.
+start-up (the on-disk compile cache), the manager's rules, eviction, bytes,
+persistence, the audit, bad input, the model (a hypothesis state machine),
+threads and faults, long runs.
 
 Every test that changes a manager audits it with ``check_invariants()``
 before it ends (but the audit section's, which corrupt it on purpose): the
@@ -18,6 +19,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import pathlib
 import pickle
 import random
 import shutil
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 
 import numba
 import numpy as np
@@ -130,15 +133,19 @@ def _victim():
     return m
 
 
-def _run_fresh(code, timeout=300):
-    """Run ``code`` in a new interpreter with this one's environment (and
-    kvpool importable); (returncode, stdout, stderr)."""
+def _run_fresh(code, timeout=300, where=None, **env_changes):
+    """Run ``code`` in a new interpreter with this one's environment, changed
+    by ``env_changes`` (None removes a variable), and kvpool importable from
+    ``where`` (also its working directory; default: this kvpool's own
+    directory); (returncode, stdout, stderr)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.abspath(kvpool.__file__)),
+        [str(where or os.path.dirname(os.path.abspath(kvpool.__file__))),
          env.get("PYTHONPATH", "")])
+    for name, value in env_changes.items():
+        env.pop(name, None) if value is None else env.__setitem__(name, value)
     r = subprocess.run([sys.executable, "-c", code], env=env, timeout=timeout,
-                       capture_output=True, text=True)
+                       cwd=where, capture_output=True, text=True)
     return r.returncode, r.stdout, r.stderr
 
 
@@ -154,17 +161,6 @@ def lru_manager(blocks=4, bs=16, **kw):
 # calls (alloc/free/resize/read/write_chain, free_chains), including the
 # refusals that must leave the pool as it was.
 # ============================================================================
-
-def test_import_compiles_nothing():
-    code = ("import sys, kvpool; "
-            "print(any(m.startswith('numba.core.compiler') and "
-            "'kvpool' in str(getattr(sys.modules[m], '__file__', '')) for m in sys.modules)); "
-            "ct = getattr(kvpool.MemoryPool, 'class_type', None); "
-            "print(0 if ct is None else sum(len(d.overloads) for d in ct.jit_methods.values()))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert out.stdout.split()[-1] == "0"
-
 
 def test_pool_geometry_drops_the_remainder():
     pool = MemoryPool(1000, 64)
@@ -433,6 +429,102 @@ def test_pool_free_chains_equals_freeing_one_by_one(total, steps, rnd):
 
 
 # ============================================================================
+# Start-up
+#
+# Importing compiles nothing; the compiled kernels are cached on disk, so a
+# second process compiles nothing either, a read-only vendored copy of
+# kvpool.py still works, and editing the module never runs stale code.
+# Each runs in fresh interpreters.
+# ============================================================================
+
+def test_import_compiles_nothing():
+    code = ("import sys, kvpool; "
+            "print(any(m.startswith('numba.core.compiler') and "
+            "'kvpool' in str(getattr(sys.modules[m], '__file__', '')) for m in sys.modules)); "
+            "ct = getattr(kvpool.MemoryPool, 'class_type', None); "
+            "print(0 if ct is None else sum(len(d.overloads) for d in ct.jit_methods.values()))")
+    rc, out, err = _run_fresh(code)
+    assert rc == 0, err[-2000:]
+    assert out.split()[-1] == "0"
+
+
+# A first use of the manager, then numba's own cache statistics for every
+# kernel in the module: {name: [cache hits, cache misses]}.
+_FIRST_USE = r"""
+import json, sys
+import kvpool
+m = kvpool.KVCacheManager(1 << 16, 256)
+m.allocate_entry("a", 600); m.resize_entry("a", 900)
+m.write("a", b"x" * 8); assert bytes(m.read("a", count=8)) == b"x" * 8
+m.remove_cache_entry("a")
+m.allocate_entries(["b", "c"], [10, 600]); m.remove_cache_entries(["b", "c"])
+m.check_invariants()
+stats = {}
+for name, obj in vars(kvpool).items():
+    s = getattr(obj, "stats", None)
+    if s is not None and hasattr(s, "cache_hits"):
+        stats[name] = [sum(s.cache_hits.values()), sum(s.cache_misses.values())]
+print(json.dumps({"stats": stats, "free": int(kvpool._free_count(m._pool.state, m._pool.meta))}))
+"""
+
+
+def _first_use(where, cache_dir):
+    """_FIRST_USE in a fresh JIT-mode interpreter that imports the kvpool.py
+    in ``where`` and caches compiled code in ``cache_dir``; its JSON line."""
+    rc, out, err = _run_fresh(_FIRST_USE, where=where, NUMBA_DISABLE_JIT=None,
+                              NUMBA_CACHE_DIR=str(cache_dir))
+    assert rc == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _vendored(tmp_path):
+    """A copy of kvpool.py alone in a directory, as a script would vendor it."""
+    where = tmp_path / "vendored"
+    where.mkdir()
+    shutil.copy(kvpool.__file__, where / "kvpool.py")
+    return where
+
+
+_NEEDS_JIT = pytest.mark.skipif(not hasattr(kvpool._take, "stats"),
+                                reason="nothing is compiled under NUMBA_DISABLE_JIT")
+
+
+@_NEEDS_JIT
+def test_second_process_compiles_nothing(tmp_path):
+    where = _vendored(tmp_path)
+    first = _first_use(where, tmp_path / "cache")
+    second = _first_use(where, tmp_path / "cache")
+    assert sum(m for h, m in first["stats"].values()) > 0     # it did compile
+    assert sum(h for h, m in second["stats"].values()) >= 7   # every kernel used
+    missed = {k: v for k, v in second["stats"].items() if v[1]}
+    assert missed == {}, f"compiled again in a warm process: {missed}"
+
+
+@_NEEDS_JIT
+def test_read_only_vendored_copy_works(tmp_path):
+    where = _vendored(tmp_path)
+    os.chmod(where / "kvpool.py", 0o444)
+    os.chmod(where, 0o555)
+    try:
+        for _ in range(2):
+            assert _first_use(where, tmp_path / "cache")["free"] == 256
+    finally:
+        os.chmod(where, 0o755)
+
+
+@_NEEDS_JIT
+def test_editing_the_module_never_runs_stale_code(tmp_path):
+    where = _vendored(tmp_path)
+    source = where / "kvpool.py"
+    assert _first_use(where, tmp_path / "cache")["free"] == 256
+    text = source.read_text()
+    old = "return meta[C_COUNT] + state.shape[0] - meta[C_BUMP]"
+    assert text.count(old) == 1
+    source.write_text(text.replace(old, old + " + 1000"))
+    assert _first_use(where, tmp_path / "cache")["free"] == 1256
+
+
+# ============================================================================
 # Manager rules
 #
 # KVCacheManager's core: the README's examples, entries and their block ids
@@ -594,6 +686,41 @@ def test_any_hashable_key_and_numpy_sizes():
     m.check_invariants()
 
 
+def test_nan_keys_work_and_copy_as_a_dict_would():
+    # issue 14: a NaN key (never equal to itself) works as in a dict
+    nan = float("nan")
+    nan_tuple = ("t", float("nan"))
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entry(nan, 20)
+    m.check_invariants()
+    m.allocate_entry(nan_tuple, 5)
+    m.check_invariants()
+    m.write(nan, b"abc")
+    assert m[nan].size == 20 and nan in m and m.peek(nan_tuple).size == 5
+    m.check_invariants()
+
+    twin = copy.deepcopy(m)             # floats are copied as themselves
+    twin.check_invariants()
+    assert twin == m and twin[nan].size == 20
+    assert bytes(twin.read(nan, count=3)) == b"abc"
+
+    back = pickle.loads(pickle.dumps(m))    # a new NaN object: as for a dict,
+    back.check_invariants()                 # the copy works but its key is
+    k2, k1 = list(back)                     # not the original NaN
+    assert k1 != k1 and k2[0] == "t" and k2[1] != k2[1]
+    assert back[k1].size == 20 and back.peek(k2).size == 5
+    assert bytes(back.read(k1, count=3)) == b"abc"
+    assert back != m and nan not in back    # so the managers differ
+    back.check_invariants()
+    assert {nan: 1} != pickle.loads(pickle.dumps({nan: 1}))   # the same rule
+
+    assert m.remove_cache_entry(nan).size == 20
+    m.check_invariants()
+    assert m.remove_cache_entries([nan_tuple])[0].size == 5
+    m.check_invariants()
+    assert len(m) == 0 and m.pool.used_blocks == 0
+
+
 def test_stats_fields_and_fragmentation():
     m = KVCacheManager(10 * 64 + 5, 64)
     s = m.stats
@@ -638,6 +765,54 @@ def test_mapping_face_hits_and_misses():
     m.check_invariants()
 
 
+def test_cache_view_is_a_live_read_only_mapping():
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entries(["a", "b"], [16, 16])
+    v = m.cache
+    assert len(v) == 2 and "a" in v and "zz" not in v and v["a"] is m.peek("a")
+    assert dict(v) == {"a": m.peek("a"), "b": m.peek("b")}
+    assert v.get("zz") is None and list(v.keys()) == ["a", "b"]
+    assert list(m) == ["a", "b"]              # looking through it: no recency
+    assert m.stats.hits == 0 and m.stats.misses == 0
+    with pytest.raises(KeyError, match="'zz'"):
+        v["zz"]
+    with pytest.raises(TypeError, match=r"key \[1\] is not hashable"):
+        v[[1]]
+    with pytest.raises(TypeError):
+        v["c"] = 1
+    with pytest.raises((TypeError, AttributeError)):
+        del v["a"]
+    m.allocate_entry("c", 16)                 # a live view of the membership
+    assert len(v) == 3 and list(v) == ["a", "b", "c"]
+    assert repr(v) == f"<cache view of {m!r}>"
+    m.check_invariants()
+
+
+def test_cache_view_survives_recency_changes_and_removal():
+    # issue 14: m.cache is a view that iterating may outlive: reading,
+    # touching (which reorders entries) and removing along the way are safe
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entries(["a", "b", "c"], [16, 16, 16])
+    for i, k in enumerate("abc"):
+        m.write(k, bytes([i + 1]))
+    m.check_invariants()
+    seen = []
+    for k in m.cache:
+        seen.append((k, m[k].size, m.get(k).size, int(m.read(k, count=1)[0])))
+    assert seen == [("a", 16, 16, 1), ("b", 16, 16, 2), ("c", 16, 16, 3)]
+    m.check_invariants()
+    for k in m.cache.keys():
+        m.touch(k)
+    for k, e in m.cache.items():
+        assert m[k] is e
+    for e in m.cache.values():
+        m.read(e.key)
+    for k in m.cache:                         # and removal during iteration
+        m.remove_cache_entry(k)
+        m.check_invariants()
+    assert len(m) == 0 and len(m.cache) == 0 and list(m.cache.items()) == []
+
+
 def test_resize_keeps_ids_and_bytes_across_boundaries():
     m = lru_manager(8)
     m.allocate_entry("a", 20)
@@ -672,12 +847,59 @@ def test_batch_allocate_and_remove():
     m.check_invariants()
 
 
-def test_batch_sizes_from_a_small_integer_array_are_plain_ints():
+class _EqualsK:
+    """Equal to the stored key "k" (and hashing like it), not to another
+    _EqualsK."""
+
+    def __init__(self, tag):
+        self.tag = tag
+
+    def __hash__(self):
+        return hash("k")
+
+    def __eq__(self, other):
+        return other == "k" if isinstance(other, str) else self is other
+
+    def __repr__(self):
+        return f"_EqualsK({self.tag})"
+
+
+@pytest.mark.parametrize("stored, keys, found", [
+    ("k", [_EqualsK(1), _EqualsK(2)], [True, False]),
+    ("k", ["k", _EqualsK(1), "k"], [True, False, False]),
+    ("k", [_EqualsK(1), "zz", "k"], [True, False, False]),
+    (1, [1, 1.0], [True, False]),
+    (1, [True, 1], [True, False]),
+    (1.0, [1, True], [True, False]),
+], ids=repr)
+def test_remove_cache_entries_removes_equal_keys_once(stored, keys, found):
+    # issue 14: keys equal to one stored key, repeated in one call, count by
+    # equality, as if removed one by one: the first finds it, the rest nothing
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entries([stored, "other"], [40, 16])
+    m.check_invariants()
+    got = m.remove_cache_entries(keys)
+    m.check_invariants()
+    assert [g is not None for g in got] == found
+    assert got[found.index(True)].key == stored
+    assert list(m) == ["other"] and m.pool.used_blocks == 1
+    assert m.stats.manual_evictions == 1
+    assert m.allocate_entry(stored, 40).blocks.tolist() == [0, 1, 2]
+    m.check_invariants()
+
+
+def test_batch_sizes_from_integer_arrays_are_plain_ints():
     m = KVCacheManager(1 << 17, 64)
     entries = m.allocate_entries(["a", "b"], np.array([30000, 30000], np.int16))
     assert [type(e.size) for e in entries] == [int, int]
     assert m.stats.used_memory == 60000
     m.check_invariants()
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entries(["x", "y"], np.array([16, 17], np.uint16))
+    m.allocate_entries(["z"], np.array([3], object))
+    m.check_invariants()
+    assert [e.n_blocks for e in m.cache.values()] == [1, 2, 1]
+    assert [type(e.size) for e in m.cache.values()] == [int] * 3
 
 
 @pytest.mark.parametrize("roundtrip", [lambda e: pickle.loads(pickle.dumps(e)),
@@ -889,6 +1111,22 @@ def test_eviction_reports_fields_and_json():
     m.check_invariants()
 
 
+def test_eviction_reports_write_keys_in_the_snapshot_json_form():
+    keys = [CacheKey("s", 1), "str", 7, b"raw", ("t", 1, (b"x", CacheKey("n", 2)))]
+    reports = []
+    m = KVCacheManager(16 * 16, 16, on_evict=reports.append)
+    m.allocate_entries(keys + [1.5, None], [3] * 7)
+    m.remove_cache_entries(keys)
+    snap_keys = [kvpool._key_to_json(k) for k in keys]
+    assert [r.to_dict()["key"] for r in reports] == snap_keys
+    m.clear()
+    assert [r.to_dict()["key"] for r in reports[-2:]] == [
+        {"repr": "1.5"}, {"repr": "None"}]
+    for r in reports:
+        json.dumps(r.to_dict())
+    m.check_invariants()
+
+
 # ============================================================================
 # Bytes
 #
@@ -1026,6 +1264,34 @@ def test_empty_write_and_read_change_only_recency():
     assert list(m) == ["b", "a"]
     m.touch("b")
     assert_unchanged(m, before)
+
+
+def test_read_into_out_fills_and_returns_it():
+    # (its refusals are rows of the bad-input matrix)
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entries(["a", "b"], [40, 16])
+    data = np.arange(10, dtype=np.float32)
+    m.write("a", data)
+    m.check_invariants()
+    out = np.zeros(10, np.float32)
+    assert m.read("a", np.float32, count=10, out=out) is out
+    assert np.array_equal(out, data) and list(m) == ["b", "a"]
+    grid = np.zeros((2, 3), np.float32)
+    assert m.read("a", np.float32, 4, count=6, out=grid) is grid
+    assert np.array_equal(grid.ravel(), data[1:7])
+    raw = np.zeros(40, np.uint8)
+    assert m.read("a", out=raw) is raw and raw.tobytes() == data.tobytes()
+    m.check_invariants()
+
+
+def test_read_a_structured_dtype_with_subarray_fields():
+    # (a subarray dtype itself is refused: a row of the bad-input matrix)
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entries(["a", "b"], [32, 16])
+    got = m.read("a", [("x", "f4", (2,))])   # a field may be a subarray
+    assert got.shape == (4,) and got["x"].shape == (4, 2)
+    assert list(m) == ["b", "a"]
+    m.check_invariants()
 
 
 def test_views_alias_the_arena():
@@ -1179,10 +1445,24 @@ def test_load_zeroes_bytes_past_entry_sizes(tmp_path):
     back.check_invariants()
 
 
+class _SubKey(CacheKey):
+    pass
+
+
+class _SubStr(str):
+    pass
+
+
 @pytest.mark.parametrize("key, message", [
     (frozenset({1}), r"frozenset\(\{1\}\)"),
     (1.5, "key 1.5 of type float cannot be saved"),
-], ids=["frozenset", "float"])
+    # a subclass, even inside a tuple (issue 14)
+    (_SubKey("s", 1), r"subclass.*cannot be saved"),
+    (_SubStr("s"), r"subclass.*cannot be saved"),
+    (("t", _SubKey("s", 1)), r"subclass.*cannot be saved"),
+    ((1, _SubStr("x")), r"subclass.*cannot be saved"),
+], ids=["frozenset", "float", "CacheKey-subclass", "str-subclass",
+        "CacheKey-subclass-in-tuple", "str-subclass-in-tuple"])
 def test_save_refuses_unsavable_keys_and_writes_nothing(tmp_path, key, message):
     m = _victim()
     path = tmp_path / "snap.npz"
@@ -1195,6 +1475,113 @@ def test_save_refuses_unsavable_keys_and_writes_nothing(tmp_path, key, message):
     dir_holds(tmp_path, ["snap.npz"])
     assert KVCacheManager.load(path) == earlier
     m.check_invariants()
+    back = pickle.loads(pickle.dumps(m))    # pickle keeps the exact key
+    assert back == m and list(back) == ["a", "b", key]
+    assert repr(list(back)[-1]) == repr(key)
+    back.check_invariants()
+
+
+class _BytesPath:
+    def __init__(self, path):
+        self.path = os.fsencode(path)
+
+    def __fspath__(self):
+        return self.path
+
+
+@pytest.mark.parametrize("kind", [bytes, str, pathlib.Path, _BytesPath],
+                         ids=lambda k: k.__name__)
+def test_save_and_load_take_any_kind_of_path(tmp_path, kind):
+    # issue 14: str, bytes and PathLike paths (giving str or bytes)
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entry("a", 20)
+    m.write("a", b"hello")
+    m.check_invariants()
+    path = kind(os.fsencode(tmp_path / "s.npz")) if kind is bytes else kind(
+        str(tmp_path / "s.npz"))
+    m.save(path)
+    back = KVCacheManager.load(path)
+    back.check_invariants()
+    assert back == m and bytes(back.read("a", count=5)) == b"hello"
+    dir_holds(tmp_path, ["s.npz"])
+
+
+def test_huge_int_keys_save_load_and_report(tmp_path):
+    # issue 14: int keys of more than 4,300 digits (Python's limit on int to
+    # str conversion), saved, loaded and reported in JSON
+    big = 7 ** 6000                          # 5,071 digits
+    keys = [big, -big, CacheKey("s", big), ("t", -big, 2 ** 64), 2 ** 63,
+            -(2 ** 63) - 1, 5]
+    reports = []
+    m = KVCacheManager(16 * 16, 16, on_evict=reports.append)
+    for k in keys:
+        m.allocate_entry(k, 3)
+        m.check_invariants()
+    path = tmp_path / "big.npz"
+    m.save(path)
+    back = KVCacheManager.load(path)
+    back.check_invariants()
+    assert back == m and list(back) == keys
+    m.remove_cache_entries(keys)
+    m.check_invariants()
+    dicts = [json.loads(json.dumps(r.to_dict())) for r in reports]
+    assert [d["key"] for d in dicts] == [kvpool._key_to_json(k) for k in keys]
+    assert [kvpool._key_from_json(d["key"]) for d in dicts] == keys
+
+
+def test_load_reads_int_keys_written_as_plain_numbers(tmp_path):
+    # (a 64-bit int is a JSON number, a bigger one a hex string such as
+    # "-0x1f"; the malformed forms are rows of _TAMPERED)
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entries([12, CacheKey("s", 3)], [3, 3])
+    m.check_invariants()
+    path = tmp_path / "s.npz"
+    m.save(path)
+    tamper(path, keys=[{"int": 12}, {"CacheKey": ["s", 3]}])
+    back = KVCacheManager.load(path)
+    assert back == m
+    back.check_invariants()
+
+
+def test_load_builds_no_second_arena(tmp_path):
+    size = 32 << 20
+    m = KVCacheManager(size, 4096)
+    m.allocate_entry("a", 4096 * 3)
+    m.write("a", b"xyz")
+    path = tmp_path / "big.npz"
+    m.save(path)
+    del m
+    tracemalloc.start()
+    try:
+        back = KVCacheManager.load(path)
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    back.check_invariants()
+    assert bytes(back.read("a", count=3)) == b"xyz"
+    assert peak < 1.25 * size, f"peak {peak} bytes for a {size}-byte arena"
+
+
+def test_unpickling_adopts_a_writable_arena_and_copies_a_read_only_one():
+    m = KVCacheManager(8 * 16, 16)
+    m.allocate_entry("a", 20)
+    m.write("a", b"abc")
+    state = m.__getstate__()
+    arena = state["arrays"]["arena"]
+    back = KVCacheManager.__new__(KVCacheManager)
+    back.__setstate__(state)            # a writable arena of its own: adopted
+    assert np.shares_memory(back.pool.arena, arena) and back == m
+    arena.flags.writeable = False       # a read-only one: copied
+    back = KVCacheManager.__new__(KVCacheManager)
+    back.__setstate__(state)
+    assert not np.shares_memory(back.pool.arena, arena) and back == m
+    back.write("a", b"xyz")
+    back.check_invariants()
+    assert bytes(arena[:3]) == b"abc"
+    state["arrays"]["arena"] = arena.view(np.int8)
+    with pytest.raises(ValueError, match="inconsistent snapshot: array 'arena'"
+                                         " has dtype int8"):
+        KVCacheManager.__new__(KVCacheManager).__setstate__(state)
 
 
 def tamper(path, **changes):
@@ -1219,7 +1606,7 @@ _TAMPERED = [
     (busy_manager, {"bump": 0}, "inconsistent snapshot"),
     (_victim, {"bump": 2 ** 70}, "inconsistent snapshot"),
     (busy_manager, {"head": 10 ** 6}, "inconsistent snapshot"),
-    (_victim, {"head": -1}, "pool counters out of range"),
+    (_victim, {"head": -1}, "inconsistent snapshot: pool counters out of range: head=-1"),
     (busy_manager, {"link": np.full(16, -1, np.int64)}, "inconsistent snapshot"),
     (busy_manager, {"ring": np.zeros(3, np.int64)}, "array 'ring'"),
     (busy_manager, {"sizes": np.array([1, 2], np.int64)}, "inconsistent snapshot"),
@@ -1236,6 +1623,17 @@ _TAMPERED = [
     (busy_manager, {"keys": [{"set": 1}] * 4}, "malformed key"),
     (_victim, {"keys": [{"str": "a"}, {"float": 1.5}]}, "malformed key"),
     (_victim, {"keys": [{"str": "a"}, {"str": "a"}]}, "inconsistent snapshot"),
+    # columns and counters outside int64 or out of range (issue 14)
+    *[(_victim, {column: np.array([2 ** 63, 2 ** 64 - 1], np.uint64)},
+       rf"inconsistent snapshot: .*{column}.*{2 ** 63}")
+      for column in ("heads", "sizes", "n_blocks")],
+    *[(_victim, {name: value}, rf"inconsistent snapshot: .*{name}")
+      for name in ("head", "count", "bump", "peak_used")
+      for value in (2 ** 63, 2 ** 64 + 5, -(2 ** 63) - 1, -1, 99)
+      if (name, value) != ("head", -1)],             # a row above
+    # an int key is a JSON number or a hex string such as "-0x1f", no other
+    *[(_victim, {"keys": [{"int": bad}, {"str": "b"}]}, "malformed key")
+      for bad in ("12", " 0x1", "0x", "0x_1", "0X1", "+0x1", "0x1g", 1.0, True)],
 ]
 
 
@@ -1455,7 +1853,8 @@ def _bad_size(name, v):
     return f"{name} {v} exceeds the pool's total capacity of 256 bytes"
 
 
-# (id, call, exception type, text the message must contain, stats delta)
+# (id, call, exception type, text the message must contain (or a tuple of
+# texts it must all contain), stats delta)
 _BAD_CALLS = []
 
 
@@ -1494,6 +1893,30 @@ for v in [-2, -(2 ** 63), np.int64(-5)]:
 for v, nbytes in [(41, 41), (2 ** 63, 2 ** 63), (2 ** 64 + 1, 2 ** 64 + 1)]:
     _bad(f"read-count-{v!r}", lambda m, v=v: m.read("a", np.uint8, 0, v), ValueError, f"{nbytes} bytes")
 
+# sizes from arrays (or scalars) of times, floats or bools (issue 14)
+for sizes, name in [
+        (np.array([16, 16], "timedelta64[ns]"), "m8[ns]"), (np.array([16, 16], "datetime64[ns]"), "M8[ns]"),
+        (np.array([16, 16], "timedelta64[D]"), "m8[D]"), (np.array([1, 2], "datetime64[s]"), "M8[s]"),
+        ([np.timedelta64(16), np.timedelta64(16)], "m8-scalars"), (np.array([16.0, 16.0]), "float"),
+        (np.array([True, True]), "bool")]:
+    _bad(f"allocate_entries-sizes-{name}", lambda m, s=sizes: m.allocate_entries(["x", "y"], s), TypeError, "integer")
+    _bad(f"allocate_entry-size-{name}", lambda m, s=sizes: m.allocate_entry("x", s[0]), TypeError, "integer")
+
+
+class _Touchy:
+    """Hashes like the victim's "a", but comparing it raises."""
+
+    def __hash__(self):
+        return hash("a")
+
+    def __eq__(self, other):
+        raise TypeError("cannot compare _Touchy")
+
+
+class _Touchy2(_Touchy):              # two of them collide in a set
+    pass
+
+
 # keys: unhashable, absent, already live
 for name, call in [
         ("allocate_entry", lambda m, k: m.allocate_entry(k, 16)),
@@ -1506,11 +1929,12 @@ for name, call in [
         ("touch", lambda m, k: m.touch(k)), ("pin", lambda m, k: m.pin(k)),
         ("unpin", lambda m, k: m.unpin(k)),
         ("write", lambda m, k: m.write(k, b"z")), ("read", lambda m, k: m.read(k)),
-        ("views", lambda m, k: m.views(k))]:
+        ("views", lambda m, k: m.views(k)), ("cache-getitem", lambda m, k: m.cache[k]),
+        ("cache-contains", lambda m, k: k in m.cache)]:
     for k in ([1], {"a": 1}, {2}, bytearray(b"k")):
-        _bad(f"{name}-key-{k!r}", lambda m, call=call, k=k: call(m, k), TypeError, str(k))
+        _bad(f"{name}-key-{k!r}", lambda m, call=call, k=k: call(m, k), TypeError, f"key {k!r} is not hashable")
     if name not in ("allocate_entry", "allocate_entries", "remove_cache_entry",
-                    "remove_cache_entries", "get", "peek", "contains"):
+                    "remove_cache_entries", "get", "peek", "contains", "cache-contains"):
         for k in ("zz", None, 0, CacheKey("a", 0), ("a",)):
             delta = {"misses": 1} if name == "getitem" else {}
             _bad(f"{name}-absent-{k!r}", lambda m, call=call, k=k: call(m, k), KeyError, repr(k), **delta)
@@ -1519,6 +1943,14 @@ for k in ("a", "b"):
     _bad(f"allocate_entries-live-{k}", lambda m, k=k: m.allocate_entries(["x", k], [16, 16]), KeyError, f"{k!r} is already live")
 _bad("allocate_entries-twice", lambda m: m.allocate_entries(["x", "y", "x"], [16, 16, 16]), KeyError, "'x' appears twice")
 _bad("allocate_entries-twice-equal-keys", lambda m: m.allocate_entries([1, 1.0], [16, 16]), KeyError, "appears twice")
+# a TypeError from comparing a key is the key's own, not relabelled (issue 14)
+for name, call in [
+        ("getitem", lambda m, k: m[k]), ("peek", lambda m, k: m.peek(k)),
+        ("contains", lambda m, k: k in m), ("remove_cache_entry", lambda m, k: m.remove_cache_entry(k)),
+        ("touch", lambda m, k: m.touch(k)), ("allocate_entry", lambda m, k: m.allocate_entry(k, 1)),
+        ("allocate_entries", lambda m, k: m.allocate_entries([k, _Touchy2()], [1, 1])),
+        ("remove_cache_entries", lambda m, k: m.remove_cache_entries(["zz", k]))]:
+    _bad(f"{name}-key-uncomparable", lambda m, call=call: call(m, _Touchy()), TypeError, "cannot compare _Touchy")
 
 # pool exhaustion (eviction "none"): 11 blocks free
 _bad("allocate_entry-exhausted", lambda m: m.allocate_entry("new", 256), PoolExhaustedError, "need 16 blocks but only 11")
@@ -1581,6 +2013,33 @@ _bad("read-count-too-many", lambda m: m.read("a", np.uint64, 0, 6), ValueError, 
 _bad("read-dtype-S3-indivisible", lambda m: m.read("a", dtype="S3"), ValueError, "40 bytes from offset 0")
 _bad("read-dtype-f4-offset-2", lambda m: m.read("a", dtype=np.float32, offset=2), ValueError, "38 bytes from offset 2")
 _bad("read-dtype-None", lambda m: m.read("a", dtype=None), TypeError, "dtype must be given")
+# a subarray dtype is refused, naming the reshape to use (issue 14)
+for dt in [("f4", (2,)), np.dtype(("u1", (4,))), ("f8", (2, 2))]:
+    _bad(f"read-dtype-subarray-{dt!r}", lambda m, dt=dt: m.read("a", dt), TypeError, ("subarray dtype", "reshape"))
+
+
+def _read_only(a):
+    a.flags.writeable = False
+    return a
+
+
+# read into out= (10 float32 items from "a")
+for name, out, exc, text in [
+        ("float64", lambda m: np.zeros(10, np.float64), TypeError, "dtype float64"),
+        ("short", lambda m: np.zeros(9, np.float32), ValueError, "holds 9 items"),
+        ("strided", lambda m: np.zeros(20, np.float32)[::2], ValueError, "C-contiguous"),
+        ("transposed", lambda m: np.zeros(10, np.float32).reshape(2, 5).T, ValueError, "C-contiguous"),
+        ("bytearray", lambda m: bytearray(40), TypeError, "numpy array"),
+        ("memoryview", lambda m: memoryview(bytearray(40)), TypeError, "numpy array"),
+        ("arena", lambda m: m.pool.arena[:40].view(np.float32), ValueError, "arena"),
+        ("read-only", lambda m: _read_only(np.zeros(10, np.float32)), ValueError, "writable")]:
+    _bad(f"read-out-{name}", lambda m, out=out: m.read("a", np.float32, count=10, out=out(m)), exc, text)
+_bad("read-out-absent-key", lambda m: m.read("zz", out=np.zeros(1, np.uint8)), KeyError, "'zz'")
+
+# save and load paths (an int is not taken as a file descriptor)
+_bad("save-path-42", lambda m: m.save(42), TypeError, "not int")
+_bad("load-path-42.0", lambda m: KVCacheManager.load(42.0), TypeError, "not float")
+_bad("load-path-987654", lambda m: KVCacheManager.load(987654), TypeError, "not int")
 
 # listeners
 _bad("add_eviction_listener-42", lambda m: m.add_eviction_listener(42), TypeError, "listener must be callable, got 42")
@@ -1614,8 +2073,8 @@ def test_bad_input_leaves_manager_unchanged(call, exc, text, delta):
     with pytest.raises(exc) as info:
         call(m)
     assert type(info.value) is exc             # exactly, not some subclass
-    if text is not None:
-        assert text in str(info.value), (text, str(info.value))
+    for part in (text,) if isinstance(text, str) else text or ():
+        assert part in str(info.value), (part, str(info.value))
     assert_unchanged(m, before, **delta)
 
 
@@ -1644,6 +2103,59 @@ def test_no_op_calls_leave_manager_unchanged(call, result, delta):
     before = snapshot(m)
     assert call(m) == result
     assert_unchanged(m, before, **delta)
+
+
+class _Sneaky:
+    """An integer whose conversion removes entry "a" and gives its block to
+    a new entry "b"."""
+
+    def __init__(self, m, value):
+        self.m, self.value = m, value
+
+    def __index__(self):
+        if "a" in self.m:
+            self.m.remove_cache_entry("a")
+            self.m.allocate_entry("b", 16)
+            self.m.write("b", b"B" * 16)
+        return self.value
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.write("a", b"xx", _Sneaky(m, 0)),
+    lambda m: m.read("a", np.uint8, _Sneaky(m, 0)),
+    lambda m: m.read("a", np.uint8, 0, _Sneaky(m, 2)),
+    lambda m: m.read("a", np.uint8, 0, _Sneaky(m, 2), out=np.empty(2, np.uint8)),
+    lambda m: m.resize_entry("a", _Sneaky(m, 8)),
+], ids=["write-offset", "read-offset", "read-count", "read-out", "resize"])
+def test_arguments_are_converted_before_the_key_is_looked_up(call):
+    # issue 14: every argument is converted before any lookup, so a
+    # conversion that changes the manager never leaves a stale entry in use
+    m = KVCacheManager(16, 16)          # one block: "b" must reuse "a"'s
+    m.allocate_entry("a", 16)
+    m.write("a", b"A" * 16)
+    m.check_invariants()
+    with pytest.raises(KeyError, match="'a'"):
+        call(m)
+    m.check_invariants()
+    assert list(m) == ["b"] and bytes(m.read("b")) == b"B" * 16
+    m.check_invariants()
+
+
+def test_sizes_are_converted_before_the_live_key_check():
+    m = KVCacheManager(4 * 16, 16)
+
+    class Grab:
+        def __index__(self):
+            m.allocate_entry("x", 16)
+            return 16
+
+    with pytest.raises(KeyError, match="'x' is already live"):
+        m.allocate_entry("x", Grab())
+    m.check_invariants()
+    with pytest.raises(KeyError, match="'x' is already live"):
+        m.allocate_entries(["x"], [Grab()])
+    m.check_invariants()
+    assert list(m) == ["x"] and m.pool.used_blocks == 1
 
 
 _DEFAULT = object()           # leave the argument out
