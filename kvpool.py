@@ -592,13 +592,13 @@ def _describe(value):
     return type(value).__name__
 
 
-def _refusal(error, message, result):
+def _refusal(error, message, dtype):
     """A compiled implementation that raises ``error(message)`` yet types
-    as returning ``result``'s type."""
+    as returning a 1-D array of ``dtype``."""
     def refuse(value):
         if len(message) > 0:            # (a branch numba cannot prune)
             raise error(message)
-        return result
+        return np.empty(0, dtype)
     return refuse
 
 
@@ -608,7 +608,7 @@ def _arena_bytes_compiled(value):
             and value.ndim == 1 and value.layout == "C"):
         return lambda value: value
     return _refusal(ValueError, "arena must be a 1-D C-contiguous uint8 "
-                    f"array, got {value}", np.empty(0, np.uint8))
+                    f"array, got {value}", np.uint8)
 
 
 @overload(_block_ids)
@@ -617,7 +617,7 @@ def _block_ids_compiled(value):
             and isinstance(value.dtype, nb_types.Integer)):
         return lambda value: value
     return _refusal(TypeError, "block ids must be a 1-D integer numpy "
-                    f"array, got {value}", np.empty(0, np.int64))
+                    f"array, got {value}", np.int64)
 
 
 # -- the jitclass ------------------------------------------------------------

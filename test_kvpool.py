@@ -7,8 +7,8 @@ Every test that changes a manager audits it with ``check_invariants()``
 before it ends (but the audit section's, which corrupt it on purpose): the
 model after every step, the bad-input matrix after every call (through
 ``assert_unchanged``), the long runs every 10,000 operations.
-A bare ``MemoryPool`` has no audit of its own, so the pool's tests compare
-its whole state (``snapshot``) instead. Private state is reached only by the
+A bare ``MemoryPool`` is audited with ``kvpool.check_pool_invariants``;
+the pool's tests also compare its whole state (``snapshot``). Private state is reached only by the
 helpers just below and, on purpose, by the audit section's corruption table.
 """
 
@@ -426,6 +426,70 @@ def test_pool_free_chains_equals_freeing_one_by_one(total, steps, rnd):
         assert pools[1].free_chain(h, live[h]) == OK
     assert pools[0].free_chains(np.array(chosen, np.int64)).tolist() == expected
     assert snapshot(pools[0]) == snapshot(pools[1])
+    kvpool.check_pool_invariants(pools[0])
+
+
+_NOT_BLOCK_IDS = [[1, 2], (1,), np.zeros((1, 1), np.int64),
+                  np.zeros(2, np.float64), "12"]
+
+
+@pytest.mark.filterwarnings("ignore::numba.NumbaPendingDeprecationWarning")
+@pytest.mark.parametrize("bad", _NOT_BLOCK_IDS, ids=repr)
+@pytest.mark.parametrize("method", ["allocate_n", "release_n", "deallocate_n",
+                                    "free_chains", "alloc_chains"])
+def test_pool_block_calls_name_what_is_not_an_id_array(method, bad):
+    # the same clear TypeError in both modes, and nothing changes
+    pool = MemoryPool(16 * 16, 16)
+    pool.allocate_n(np.empty(3, np.int64))
+    before = snapshot(pool)
+    args = (bad, False) if method == "alloc_chains" else (bad,)
+    with pytest.raises(TypeError, match="block ids must be a 1-D integer "
+                                        "numpy array, got"):
+        getattr(pool, method)(*args)
+    assert_unchanged(pool, before)
+
+
+@pytest.mark.parametrize("arena", [
+    np.zeros(64, np.int8), np.zeros(128, np.uint8)[::2],
+    np.zeros((4, 16), np.uint8), np.zeros(64, np.uint16)[:32]],
+    ids=["int8", "strided", "2d", "uint16"])
+def test_pool_refuses_an_arena_that_is_not_contiguous_bytes(arena):
+    with pytest.raises(ValueError, match="arena must be a 1-D C-contiguous "
+                                         "uint8 array, got"):
+        MemoryPool(64, 16, arena)
+
+
+def test_pool_block_ids_are_python_ints_in_both_modes():
+    pool = MemoryPool(16 * 16, 16)
+    m = KVCacheManager(1024, 64)
+    ids = [pool.allocate(), pool.alloc_chain(2, False),
+           m.allocate_entry("a", 100).block, m.allocate_entries(["b"], [1])[0].block]
+    assert [type(b) for b in ids] == [int] * 4
+    assert json.loads(json.dumps(ids)) == [0, 1, 0, 2]
+    m.check_invariants()
+    kvpool.check_pool_invariants(pool)
+
+
+def test_pool_audit_of_its_own_names_each_divergence():
+    held = np.empty(3, np.int64)
+    pool = MemoryPool(8 * 16, 16)
+    pool.allocate_n(held)
+    pool.release(int(held[1]))
+    kvpool.check_pool_invariants(pool)
+    for corrupt, message in [
+            (lambda: setattr(pool, "bump", 9), "pool counters out of range"),
+            (lambda: setattr(pool, "peak_used", 1), "peak_used=1 is not within"),
+            (lambda: pool.state.__setitem__(5, HELD), "NEVER blocks"),
+            (lambda: pool.ring.__setitem__(pool.head, 0), "non-free blocks \\[0\\]"),
+            (lambda: pool.state.__setitem__(0, FREE), "2 blocks are FREE"),
+            (lambda: pool.ctr.__setitem__(kvpool.C_TOTAL, 7), "pool arrays do not "
+                                                               "describe 8 blocks")]:
+        corrupt()
+        with pytest.raises(AssertionError, match=message):
+            kvpool.check_pool_invariants(pool)
+        pool = MemoryPool(8 * 16, 16)          # a fresh one for the next
+        pool.allocate_n(held)
+        pool.release(int(held[1]))
 
 
 # ============================================================================
