@@ -2263,12 +2263,12 @@ def _paged_store(kv, fill, meta, bt, layers, layer, slots, k, v, info):
         while i + m < T and slots[i + m] == s + m and s + m < end:
             m += 1
         lo = (((b * layers + layer) * 2) * bt + s - b * bt) * e
-        src = i * e
-        for j in range(m * e):
-            kv[lo + j] = kf[src + j]
-        lo += bt * e
-        for j in range(m * e):
-            kv[lo + j] = vf[src + j]
+        ks, vs = kf[i * e:(i + m) * e], vf[i * e:(i + m) * e]
+        kd, vd = kv[lo:lo + m * e], kv[lo + bt * e:lo + (bt + m) * e]
+        for j in range(ks.shape[0]):       # views: the loops vectorize
+            kd[j] = ks[j]
+        for j in range(vs.shape[0]):
+            vd[j] = vs[j]
         i += m
     return OK
 
