@@ -17,11 +17,15 @@ entries holding Python lists of block ids, a deque free list with FIFO reuse
 and a bump counter, an RLock held through each public call as kvpool holds
 its own, and ``KVCacheManager``'s size and key checks and the counters
 compared below), ``VllmFreeQueue`` (a vLLM-style doubly linked free block
-queue) and, for the block batches, a plain ``collections.deque`` (the
-like-for-like FIFO). A short equivalence check at start-up runs one random
+queue), for the block batches, a plain ``collections.deque`` (the
+like-for-like FIFO), and for the paged cache (case 12) ``PagedPeer`` (vLLM
+v1's books: request objects, block lists, a persistent numpy block table)
+and a contiguous numpy cache with numpy attention. A short equivalence check at start-up runs one random
 operation stream through both managers and compares every block id and
-counter, and case 3 checks that its three queues hand out the same ids, so a
-ratio always compares the same work.
+counter, case 3 checks that its three queues hand out the same ids, and case
+12 compares slots, tables, attention outputs, stored bytes and serving
+outcomes with its peers' before timing, so a ratio always compares the same
+work.
 
 Under NUMBA_DISABLE_JIT=1 the loop counts are divided by 10 to 50 (kvpool then runs
 as plain Python and the figures describe that fallback, not the compiled pool).
@@ -88,6 +92,9 @@ class Config:
         self.churn_steps = 10_000 if q else 60_000
         self.serve_steps = 250 if q else 1000
         self.save_arena = (32 << 20) if q else (256 << 20)
+        self.paged_steps = 50 if q else 200                # bookkeeping steps per repeat
+        self.paged_repeats = 15 if q else 31               # cheap paged rows: more repeats
+        self.paged_decode = (32, 256, 1024, 4 if q else 16)   # seqs, contexts, steps
         if JIT_DISABLED:
             self.scale_down(50)
 
@@ -100,6 +107,9 @@ class Config:
         self.churn_steps = max(1, self.churn_steps // 10)
         self.serve_steps = max(1, self.serve_steps // 2)
         self.save_arena = 8 << 20
+        self.paged_steps = max(1, self.paged_steps // k)
+        self.paged_repeats = 3
+        self.paged_decode = (4, 16, 64, 1)
 
     def to_dict(self):
         return {k: v for k, v in vars(self).items()}
@@ -177,8 +187,9 @@ def shown(sample, unit, nbytes=None):
     if unit == "MB/s":           # bytes per op / ns per op: the fastest run is the max
         conv = lambda ns: nbytes / ns * 1e3
         return conv(sample.median), conv(sample.max), conv(sample.min)
-    if unit == "s":
-        return sample.median / 1e9, sample.min / 1e9, sample.max / 1e9
+    scale = {"s": 1e9, "ms": 1e6, "ms/step": 1e6, "us/step": 1e3}.get(unit)
+    if scale:
+        return sample.median / scale, sample.min / scale, sample.max / scale
     return sample.median, sample.min, sample.max
 
 
@@ -1163,6 +1174,318 @@ def case_save_load(cfg):
         note=note)
 
 
+# -- case 12: the paged cache -----------------------------------------------------------
+
+class PagedRequest:
+    __slots__ = ("rid", "row", "blocks", "num_tokens", "order")
+
+
+class PagedPeer:
+    """The paged cache's peer, written the way vLLM v1 keeps its books: a
+    request object per sequence holding a list of ``Block`` objects from a
+    ``VllmFreeQueue``, slots allocated request by request, and a persistent
+    numpy block table ``[max_requests, max_blocks]`` (and lengths) updated in
+    place, as vLLM's worker keeps one. ``preempt`` frees the most recently
+    added requests until the rest fit; ``peak`` is the most blocks in use."""
+
+    def __init__(self, num_blocks, bt, max_requests, max_blocks):
+        self.num_blocks = num_blocks
+        self.free = VllmFreeQueue([Block(i) for i in range(num_blocks)])
+        self.bt = bt
+        self.table = np.full((max_requests, max_blocks), -1, np.int32)
+        self.lens = np.zeros(max_requests, np.int32)
+        self.reqs = {}
+        self.rows = list(range(max_requests - 1, -1, -1))
+        self.order = 0
+        self.peak = 0
+
+    def add(self, rid, tokens):
+        need = -(-len(tokens) // self.bt)
+        if need > self.free.num_free:
+            raise PoolExhaustedError(need, self.free.num_free)
+        r = PagedRequest()
+        r.rid, r.row, r.num_tokens, r.order = rid, self.rows.pop(), len(tokens), self.order
+        self.order += 1
+        r.blocks = self.free.popleft_n(need)
+        self.table[r.row, :need] = [b.block_id for b in r.blocks]
+        self.lens[r.row] = r.num_tokens
+        self.reqs[rid] = r
+        self.peak = max(self.peak, self.num_blocks - self.free.num_free)
+
+    def remove(self, rid):
+        r = self.reqs.pop(rid)
+        self.free.append_n(r.blocks[::-1])
+        self.table[r.row, :len(r.blocks)] = -1
+        self.lens[r.row] = 0
+        self.rows.append(r.row)
+
+    def append(self, reqs, tokens, preempt=False):
+        """One token per request; their slot ids, -1 for the preempted."""
+        bt = self.bt
+        need = sum(1 for r in reqs if r.num_tokens % bt == 0)
+        gone = set()
+        while need > self.free.num_free:
+            if not preempt:
+                raise PoolExhaustedError(need, self.free.num_free)
+            victim = max(self.reqs.values(), key=lambda r: r.order)
+            if victim.num_tokens % bt == 0 and any(r is victim for r in reqs):
+                need -= 1
+            gone.add(victim.rid)
+            self.remove(victim.rid)
+        slots = np.empty(len(reqs), np.int64)
+        table, lens = self.table, self.lens
+        for i, r in enumerate(reqs):
+            if r.rid in gone:
+                slots[i] = -1
+                continue
+            n = r.num_tokens
+            if n % bt == 0:
+                b = self.free.popleft_n(1)[0]
+                r.blocks.append(b)
+                table[r.row, n // bt] = b.block_id
+            slots[i] = r.blocks[n // bt].block_id * bt + n % bt
+            r.num_tokens = n + 1
+            lens[r.row] = n + 1
+        self.peak = max(self.peak, self.num_blocks - self.free.num_free)
+        return slots
+
+
+def paged_bookkeeping(cfg):
+    """Row paged-bookkeeping: ``append`` + ``block_table`` per decode step
+    for 256 sequences (a ``SeqRows`` handle) against ``PagedPeer``."""
+    B, bt, steps = 256, 16, cfg.paged_steps
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 1000, n) for n in rng.integers(100, 2001, B)]
+    blocks = sum(-(-(len(p) + steps + 4) // bt) for p in prompts) + 8
+    tokens = rng.integers(0, 1000, (steps + 3, B))
+
+    def make_kv():
+        c = kvpool.PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,
+                                dtype=np.float32)
+        for i, p in enumerate(prompts):
+            c.add(i, p)
+        return c, c.rows(range(B))
+
+    def make_peer():
+        p = PagedPeer(blocks, bt, B, -(-(2000 + steps + 4) // bt))
+        for i, t in enumerate(prompts):
+            p.add(i, t)
+        return p, [p.reqs[i] for i in range(B)]
+
+    def run_kv(state):
+        c, rows = state
+        for s in range(steps):
+            c.append(rows, tokens[s])
+            c.block_table(rows)
+
+    def run_peer(state):
+        p, reqs = state
+        for s in range(steps):
+            p.append(reqs, tokens[s])
+            p.table[:B], p.lens[:B]
+
+    (c, rows), (p, reqs) = make_kv(), make_peer()          # the same work?
+    for s in range(steps, steps + 3):
+        assert np.array_equal(c.append(rows, tokens[s]), p.append(reqs, tokens[s]))
+        table, lens = c.block_table(rows)
+        assert np.array_equal(lens, p.lens[:B])
+        assert np.array_equal(table, p.table[:B, :table.shape[1]])
+    kv = timed(run_kv, steps, cfg.paged_repeats, setup=make_kv)
+    peer = timed(run_peer, steps, cfg.paged_repeats, setup=make_peer)
+    row("paged-bookkeeping", "12", f"decode step, {B} seqs: append+block_table", "us/step",
+        kv, peer, "PagedPeer (vLLM-style)",
+        note="a SeqRows handle; tables identical to the peer's")
+
+
+def paged_decode(cfg):
+    """Rows paged-decode and paged-read-bw: append, store and attention per
+    layer for a batch of float16 sequences against a contiguous numpy cache
+    (one preallocated array per sequence and layer, attention per sequence)."""
+    B, lo, hi, steps = cfg.paged_decode
+    L, kvh, qh, hd, bt = 2, 4, 8, 64, 16
+    rng = np.random.default_rng(2)
+    lens0 = rng.integers(lo, hi + 1, B)
+    group = qh // kvh
+    data = {(s, l): tuple(rng.standard_normal((lens0[s], kvh, hd)).astype(np.float16)
+                          for _ in "kv") for s in range(B) for l in range(L)}
+    q = rng.standard_normal((steps, L, B, qh, hd)).astype(np.float32)
+    knew = rng.standard_normal((steps, L, B, kvh, hd)).astype(np.float16)
+    vnew = rng.standard_normal((steps, L, B, kvh, hd)).astype(np.float16)
+    toks = rng.integers(0, 1000, (steps, B))
+    nblocks = sum(-(-(n + steps) // bt) for n in lens0) + 4
+
+    def make_kv():
+        c = kvpool.PagedKVCache(nblocks, bt, layers=L, kv_heads=kvh, head_dim=hd,
+                                dtype=np.float16)
+        for s in range(B):
+            c.add(s, np.zeros(lens0[s], np.int64))
+            for l in range(L):
+                c.store(l, c.slots(s), *data[s, l])
+        return c, c.rows(range(B))
+
+    def run_kv(state, out=None):
+        c, rows = state
+        for t in range(steps):
+            slots = c.append(rows, toks[t])
+            for l in range(L):
+                c.store(l, slots, knew[t, l], vnew[t, l])
+                o = c.attention(l, q[t, l], rows)
+                if out is not None:
+                    out.append(o)
+
+    def make_peer():
+        cache = {}
+        for s in range(B):
+            for l in range(L):
+                k = np.empty((lens0[s] + steps, kvh, hd), np.float16)
+                v = np.empty_like(k)
+                k[:lens0[s]], v[:lens0[s]] = data[s, l]
+                cache[s, l] = (k, v)
+        return cache, lens0.copy()
+
+    def run_peer(state, out=None):
+        cache, lens = state
+        scale = np.float32(1 / np.sqrt(hd))
+        for t in range(steps):
+            for l in range(L):
+                o = np.empty((B, qh, hd), np.float32)
+                for s in range(B):
+                    k, v = cache[s, l]
+                    n = lens[s]
+                    k[n], v[n] = knew[t, l, s], vnew[t, l, s]
+                    kf = k[:n + 1].astype(np.float32)           # [n + 1, kvh, hd]
+                    vf = v[:n + 1].astype(np.float32)
+                    qs = q[t, l, s].reshape(kvh, group, hd)
+                    sc = np.einsum("ghd,ngd->ghn", qs, kf) * scale
+                    w = np.exp(sc - sc.max(axis=2, keepdims=True))
+                    w /= w.sum(axis=2, keepdims=True)
+                    o[s] = np.einsum("ghn,ngd->ghd", w, vf).reshape(qh, hd)
+                if out is not None:
+                    out.append(o)
+            lens += 1
+
+    a, b = [], []                                               # the same results?
+    run_kv(make_kv(), a)
+    run_peer(make_peer(), b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    kv = timed(run_kv, steps, cfg.repeats, setup=make_kv)
+    peer = timed(run_peer, steps, cfg.repeats, setup=make_peer)
+    row("paged-decode", "12", f"decode loop, {B} seqs, {L} layers, fp16", "ms/step", kv, peer,
+        "contiguous numpy", note=f"contexts {lo}-{hi}, GQA {qh}/{kvh} heads of {hd}")
+    read = 2 * L * 2 * kvh * hd * int((lens0 + (steps + 1) // 2).sum())  # K+V bytes/step
+    src = np.ones(64 << 20, np.uint8)
+    dst = np.empty_like(src)
+    copy = timed(lambda _: np.copyto(dst, src), 1, cfg.repeats)
+    bw, copy_bw = read / kv.median * 1e3, src.nbytes / copy.median * 1e3
+    info("paged-read-bw", "12", "K/V bytes read per decode step / step time", "MB/s", bw,
+         note=f"np.copyto of 64 MiB: {copy_bw:,.0f} MB/s; {bw / copy_bw:.2f} of it",
+         copyto_mb_per_s=copy_bw, fraction_of_copyto=bw / copy_bw)
+
+
+def paged_store(cfg):
+    """Row paged-store: ``store`` of 4,096 tokens' K and V at once (a prompt's
+    consecutive slots) against ``np.copyto`` of the same bytes."""
+    T, kvh, hd, bt = 4096, 8, 128, 16
+    c = kvpool.PagedKVCache(T // bt + 1, bt, layers=1, kv_heads=kvh, head_dim=hd,
+                            dtype=np.float16)
+    c.add("s", np.zeros(T, np.int64))
+    slots = c.slots("s")
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((T, kvh, hd)).astype(np.float16)
+    v = rng.standard_normal((T, kvh, hd)).astype(np.float16)
+    c.store(0, slots, k, v)
+    got_k, got_v, _ = c.gather(0, ["s"])                         # the same bytes?
+    assert np.array_equal(got_k[0], k) and np.array_equal(got_v[0], v)
+    dst_k, dst_v = np.empty_like(k), np.empty_like(v)
+    kv = timed(lambda _: c.store(0, slots, k, v), 1, cfg.paged_repeats)
+    cp = timed(lambda _: (np.copyto(dst_k, k), np.copyto(dst_v, v)), 1, cfg.paged_repeats)
+    row("paged-store", "12", f"store {T:,} tokens of K and V", "MB/s", kv, cp, "np.copyto",
+        nbytes=2 * k.nbytes, note=f"{2 * k.nbytes >> 20} MiB, fp16, {kvh} heads of {hd}")
+
+
+def serve_paged(c, trace, peer):
+    """Run the trace with one sequence per request: each step one ``append``
+    for all running requests (preempting the newest, which go back to the
+    waiting queue), the finished removed, then admissions up to
+    ``max_running`` (a prompt that does not fit waits). (completed, preempted)."""
+    prompt, decode = trace.prompt, trace.decode
+    waiting = collections.deque()
+    running = {}                     # rid -> tokens still to decode
+    completed = preempted = 0
+    for arrivals in trace.arrivals:
+        waiting.extend(arrivals)
+        if running:
+            ids = list(running)
+            zeros = np.zeros(len(ids), np.int64)
+            slots = (c.append([c.reqs[i] for i in ids], zeros, preempt=True) if peer
+                     else c.append(ids, zeros))
+            done = []
+            for rid, s in zip(ids, slots.tolist()):
+                if s < 0:
+                    del running[rid]
+                    waiting.append(rid)
+                    preempted += 1
+                    continue
+                running[rid] -= 1
+                if running[rid] == 0:
+                    done.append(rid)
+            for rid in done:
+                del running[rid]
+            completed += len(done)
+            if done and peer:
+                for rid in done:
+                    c.remove(rid)
+            elif done:
+                c.remove_many(done)
+        while waiting and len(running) < trace.max_running:
+            rid = waiting[0]
+            try:
+                c.add(rid, np.zeros(prompt[rid], np.int64))
+            except PoolExhaustedError:
+                break
+            waiting.popleft()
+            running[rid] = decode[rid]
+    return completed, preempted
+
+
+def paged_serving(cfg):
+    """Rows paged-serve*: case 7's trace on ``PagedKVCache`` (preempt
+    "newest") against ``PagedPeer``, in a pool of 80% of the peak demand."""
+    trace, bt = Trace(cfg.serve_steps), 16
+    max_blocks = -(-(max(trace.prompt) + max(trace.decode)) // bt)
+    unlimited = PagedPeer(1 << 16, bt, 256, max_blocks)
+    serve_paged(unlimited, trace, True)
+    blocks = max(1, int(0.8 * unlimited.peak))
+    out = {}
+
+    def run(c, tag):
+        out[tag] = serve_paged(c, trace, tag == "peer")
+
+    kv = timed(lambda c: run(c, "kv"), 1, cfg.repeats,
+               setup=lambda: kvpool.PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,
+                                                 dtype=np.float32, preempt="newest"))
+    peer = timed(lambda p: run(p, "peer"), 1, cfg.repeats,
+                 setup=lambda: PagedPeer(blocks, bt, 256, max_blocks))
+    assert out["kv"] == out["peer"], out                         # the same work?
+    completed, preempted = out["kv"]
+    row("paged-serve", "12", f"serving trace, {cfg.serve_steps:,} steps, preempt newest",
+        "ms", kv, peer, "PagedPeer (vLLM-style)",
+        note=f"{completed:,} of {trace.requests:,} requests, {preempted:,} preemptions",
+        requests_per_s=completed / (kv.median / 1e9))
+    info("paged-serve-req-per-s", "12", "requests completed per second", "req/s",
+         completed / (kv.median / 1e9),
+         note=f"peer {completed / (peer.median / 1e9):,.0f} req/s; pool {blocks:,} blocks = "
+              f"80% of the unlimited peak {unlimited.peak:,}")
+
+
+def case_paged(cfg):
+    paged_bookkeeping(cfg)
+    paged_decode(cfg)
+    paged_store(cfg)
+    paged_serving(cfg)
+
+
 # -- targets ------------------------------------------------------------------------
 
 def ratio_at_least(limit):
@@ -1223,6 +1546,12 @@ TARGETS = [
      "<= 1.000 s", seconds_at_most(1.0)),
     ("cold-start", "cold start, from after import numba", "8", ["cold-start"],
      "<= 7.900 s (no slower than before)", seconds_at_most(7.9)),
+    ("paged-bookkeeping", "paged decode step vs vLLM-style books", "12",
+     ["paged-bookkeeping"], "ratio >= 10.00", ratio_at_least(10.0)),
+    ("paged-decode", "paged decode loop vs contiguous numpy", "12", ["paged-decode"],
+     "ratio >= 1.50", ratio_at_least(1.5)),
+    ("paged-store", "paged store vs np.copyto", "12", ["paged-store"],
+     "ratio >= 0.50", ratio_at_least(0.5)),
 ]
 
 
@@ -1356,6 +1685,7 @@ CASES = [
     ("9", "memory", case_memory),
     ("10", "lock cost", case_lock),
     ("11", "save / load", case_save_load),
+    ("12", "paged cache", case_paged),
 ]
 DIAGNOSTIC_CASES = {"10"}       # run only with --diagnostics
 

@@ -2251,6 +2251,12 @@ class KVCacheManager:
 
 PREEMPT_POLICIES = ("none", "newest")
 R_GEN, R_ADDED, R_MARK = 0, 1, 2     # columns of the per-row int64 array
+# A batch crossing into a kernel is one int64 array [3, B]: its rows of the
+# block table, their generations (-1: sequence ids, checked for repeats
+# instead) and room for the slots ``append`` hands out.
+B_ROW, B_GEN, B_OUT = 0, 1, 2
+_INFO = 4             # status words at the head of ``info``; then the
+                      # (row, length) pairs that ``append`` preempted
 
 # Status codes of the paged kernels (info[0] etc. carry the details).
 _S_BAD_ROW = -20      # info[0]: index of a row that is not live (stale handle)
@@ -2285,13 +2291,14 @@ def _f32_compiled(x, lut):
 
 
 @njit(cache=True)
-def _check_rows(lens, rowinfo, rows, gens, info):
-    """Check a batch of rows: each live and, when ``gens`` is given (a
+def _check_rows(lens, rowinfo, batch, info):
+    """Check a batch of rows: each live and, when generations are given (a
     ``SeqRows``, whose rows are distinct by construction), of that
     generation; else no row twice (found by marking, then unmarked). On
     failure ``info[0]`` is the bad index. Leaves nothing marked."""
+    rows, gens = batch[B_ROW], batch[B_GEN]
     n = rows.shape[0]
-    check_gen = gens.shape[0] == n
+    check_gen = n > 0 and gens[0] >= 0
     status = OK
     done = n
     for i in range(n):
@@ -2339,27 +2346,32 @@ def _release_row(tables, lens, fill, rowinfo, state, meta, bt, r):
 
 
 @njit(cache=True)
-def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, bt, rows,
-                  gens, tokens, preempt, out, pre, info):
+def _paged_append(tables, lens, fill, tok, rowinfo, meta, bt, batch, tokens,
+                  preempt, info):
     """One token per row: reserve its slot (a new block when the last is
-    full) into ``out``. Short of blocks: ``_S_NO_SPACE``, or with ``preempt``
-    free the newest sequences (``pre``: row, length pairs; ``info[2]``: how
-    many) until the rest fit; a preempted row's slot is -1."""
+    full) into ``batch[B_OUT]``. Short of blocks: ``_S_NO_SPACE``, or with
+    ``preempt`` free the newest sequences (``info[_INFO:]``: row, length
+    pairs; ``info[2]``: how many) until the rest fit; a preempted row's slot
+    is -1."""
+    state = _state_of(meta)
+    rows, out, pre = batch[B_ROW], batch[B_OUT], info[_INFO:]
     n = rows.shape[0]
-    status = _check_rows(lens, rowinfo, rows, gens, info)
+    info[2] = 0
+    status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status
     need = 0
     for i in range(n):
         L = lens[rows[i]]
+        col = L // bt
         if tokens[i] < 0:
             status = _S_BAD_TOKEN
             info[0] = i
-        elif L % bt == 0:
+        elif L == col * bt:
             need += 1
-            if L // bt >= tables.shape[1]:
+            if col >= tables.shape[1]:
                 status = _S_GROW
-                info[0] = L // bt + 1
+                info[0] = col + 1
         if status != OK:
             return status
     free = _free_count(state, meta)
@@ -2418,10 +2430,11 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, bt, rows,
 
 
 @njit(cache=True)
-def _paged_extend(tables, lens, fill, tok, rowinfo, state, meta, bt, row,
-                  tokens, stamp, out, info):
+def _paged_extend(tables, lens, fill, tok, rowinfo, meta, bt, row, tokens,
+                  stamp, out, info):
     """Append ``tokens`` to one row, slots into ``out``; with ``stamp >= 0``
     the row is free and becomes a new sequence added at ``stamp``."""
+    state = _state_of(meta)
     n = tokens.shape[0]
     L = 0 if stamp >= 0 else lens[row]
     for i in range(n):
@@ -2458,11 +2471,13 @@ def _paged_extend(tables, lens, fill, tok, rowinfo, state, meta, bt, row,
 
 
 @njit(cache=True)
-def _paged_remove(tables, lens, fill, rowinfo, state, meta, bt, rows, info):
+def _paged_remove(tables, lens, fill, rowinfo, meta, bt, batch, info):
     """Free whole rows, in order; ``OK`` or a status, freeing nothing."""
-    status = _check_rows(lens, rowinfo, rows, rows[:0], info)
+    status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status
+    state = _state_of(meta)
+    rows = batch[B_ROW]
     for i in range(rows.shape[0]):
         _release_row(tables, lens, fill, rowinfo, state, meta, bt, rows[i])
     return OK
@@ -2488,23 +2503,25 @@ def _paged_swap(tables, lens, rowinfo, pairs):
 
 
 @njit(cache=True)
-def _paged_width(lens, rowinfo, bt, rows, gens, info):
+def _paged_width(lens, rowinfo, bt, batch, info):
     """The most blocks any of the rows holds, or a (negative) status."""
-    status = _check_rows(lens, rowinfo, rows, gens, info)
+    status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status
-    width = 0
+    rows = batch[B_ROW]
+    longest = 0
     for i in range(rows.shape[0]):
-        width = max(width, (lens[rows[i]] + bt - 1) // bt)
-    return width
+        longest = max(longest, lens[rows[i]])
+    return (longest + bt - 1) // bt
 
 
 @njit(cache=True)
-def _paged_table(tables, lens, rowinfo, bt, rows, info):
+def _paged_table(tables, lens, rowinfo, bt, batch, info):
     """(status, table, lens): copies of the rows' tables, padded with -1,
     and their lengths."""
+    rows = batch[B_ROW]
     n = rows.shape[0]
-    width = _paged_width(lens, rowinfo, bt, rows, rows[:0], info)
+    width = _paged_width(lens, rowinfo, bt, batch, info)
     if width < 0:
         return width, np.empty((0, 0), np.int32), np.empty(0, np.int32)
     table = np.full((n, width), NO_BLOCK, np.int32)
@@ -2518,32 +2535,49 @@ def _paged_table(tables, lens, rowinfo, bt, rows, info):
 
 
 @njit(cache=True)
-def _paged_store(kv, fill, state, bt, layers, layer, slots, k, v, info):
+def _paged_store(kv, fill, meta, bt, layers, layer, slots, k, v, info):
     """Write rows of ``k`` and ``v`` (``[T, kv_heads * head_dim]``, the
-    cache's element type) at ``slots`` of ``layer``; checked first."""
+    cache's element type) at ``slots`` of ``layer``; checked first. A run of
+    consecutive slots within a block is one contiguous copy each for K and
+    V (a slot given twice: its last row wins, as in order)."""
+    state = _state_of(meta)
     nblk = state.shape[0]
+    T = slots.shape[0]
     e = k.shape[1]
-    for i in range(slots.shape[0]):
+    for i in range(T):
         s = slots[i]
         b = s // bt
         if s < 0 or b >= nblk or state[b] != HELD or s - b * bt >= fill[b]:
             info[0] = i
             return _S_BAD_SLOT
-    for i in range(slots.shape[0]):
-        b = slots[i] // bt
-        lo = (((b * layers + layer) * 2) * bt + slots[i] - b * bt) * e
-        kv[lo:lo + e] = k[i]
-        kv[lo + bt * e:lo + bt * e + e] = v[i]
+    kf, vf = k.reshape(T * e), v.reshape(T * e)
+    i = 0
+    while i < T:
+        s = slots[i]
+        b = s // bt
+        m = 1                              # the run: slots s .. s + m - 1
+        end = (b + 1) * bt
+        while i + m < T and slots[i + m] == s + m and s + m < end:
+            m += 1
+        lo = (((b * layers + layer) * 2) * bt + s - b * bt) * e
+        ks, vs = kf[i * e:(i + m) * e], vf[i * e:(i + m) * e]
+        kd, vd = kv[lo:lo + m * e], kv[lo + bt * e:lo + (bt + m) * e]
+        for j in range(ks.shape[0]):       # views: the loops vectorize
+            kd[j] = ks[j]
+        for j in range(vs.shape[0]):
+            vd[j] = vs[j]
+        i += m
     return OK
 
 
 @njit(cache=True)
-def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, rows,
-                  gens, info):
+def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, batch,
+                  info):
     """(status, k, v, lens): the rows' K and V of ``layer`` as
     ``[B, longest, e]`` copies, zero-padded, and their lengths."""
+    rows = batch[B_ROW]
     n = rows.shape[0]
-    status = _check_rows(lens, rowinfo, rows, gens, info)
+    status = _check_rows(lens, rowinfo, batch, info)
     width = 0
     if status == OK:
         for i in range(n):
@@ -2566,14 +2600,15 @@ def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, rows,
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
 def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
-                     q, rows, gens, qlens, scale, info):
+                     q, batch, qlens, scale, info):
     """(status, out): causal attention of ``q`` (float32 ``[T, q_heads,
     head_dim]``, ``qlens[i]`` queries per row, each row's last tokens) over
     the rows' stored K and V; float32 throughout, softmax per query."""
+    rows = batch[B_ROW]
     n = rows.shape[0]
     T, qh, hd = q.shape[0], q.shape[1], q.shape[2]
     out = np.zeros((T, qh, hd), np.float32)
-    status = _check_rows(lens, rowinfo, rows, gens, info)
+    status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status, out
     total = 0
@@ -2698,16 +2733,17 @@ class SeqRows:
     """A batch of sequences placed in rows 0..B-1 of a paged cache's block
     table, made by ``PagedKVCache.rows(seqs)``. ``append``, ``block_table``,
     ``attention``, ``gather`` and ``blocks_needed`` take it in place of the
-    sequence ids and then do no lookups; ``block_table`` returns views.
+    sequence ids and then do no lookups or allocations: ``block_table``
+    returns views of the cache's table, and ``append`` returns the handle's
+    own slot array, overwritten by its next ``append``.
     A handle goes stale (``KeyError`` when used) once one of its sequences
     is removed, preempted or moved by a later ``rows`` call."""
 
-    __slots__ = ("seqs", "_rows", "_gens", "_cache")
+    __slots__ = ("seqs", "_batch", "_cache")
 
-    def __init__(self, seqs, rows, gens, cache):
+    def __init__(self, seqs, batch, cache):
         self.seqs = seqs          # tuple of the sequence ids, in row order
-        self._rows = rows
-        self._gens = gens
+        self._batch = batch       # int64 [3, B]: rows, generations, slots
         self._cache = cache
 
     def __len__(self):
@@ -2717,7 +2753,10 @@ class SeqRows:
         return f"SeqRows({len(self.seqs)} sequences)"
 
 
-_NO_GENS = np.empty(0, np.int64)
+_I64 = np.dtype(np.int64)
+_PAGED_FNS = {}       # element dtype -> {kernel name -> entry point}, shared by
+                      # all caches of that dtype (their kernels' arguments
+                      # have one type each)
 
 
 class PagedKVCache:
@@ -2801,8 +2840,7 @@ class PagedKVCache:
         self._tables = np.full((0, 8), NO_BLOCK, np.int32)
         self._lens = np.full(0, -1, np.int32)             # -1: a free row
         self._rowinfo = np.zeros((0, 3), np.int64)        # R_GEN, R_ADDED, R_MARK
-        self._pre = np.zeros(0, np.int64)
-        self._info = np.zeros(4, np.int64)
+        self._info = np.zeros(_INFO, np.int64)            # status words, preempted
         self._row_of = {}                                 # seq -> row
         self._seq_of = []                                 # row -> seq or None
         self._free_rows = set()
@@ -2810,7 +2848,7 @@ class PagedKVCache:
         self._stamp = 0                                   # add order
         self._preemptions = 0
         self._listeners = [] if on_evict is None else [on_evict]
-        self._fn = {}                                     # name -> entry point
+        self._fn = _PAGED_FNS.setdefault(self._bits_dtype.str, {})  # name -> entry
 
     # plumbing ---------------------------------------------------------------
 
@@ -2831,7 +2869,7 @@ class PagedKVCache:
         rowinfo = np.zeros((new, 3), np.int64)
         rowinfo[:old] = self._rowinfo
         self._tables, self._lens, self._rowinfo = tables, lens, rowinfo
-        self._pre = np.zeros(2 * new, np.int64)
+        self._info = np.zeros(_INFO + 2 * new, np.int64)
         self._seq_of.extend([None] * (new - old))
         self._free_rows.update(range(old, new))
 
@@ -2850,29 +2888,31 @@ class PagedKVCache:
             raise TypeError(f"sequence id {seq!r} is not hashable") from None
 
     def _rows(self, seqs):
-        """(rows, gens, ids): int64 rows of ``seqs`` (a ``SeqRows`` or
-        sequence ids), the generations to check, and the ids for messages."""
+        """(batch, ids): the int64 ``[3, B]`` batch array of ``seqs`` (a
+        ``SeqRows`` or sequence ids; see ``B_ROW``) and the ids for messages."""
         if type(seqs) is SeqRows:
             if seqs._cache is not self:
                 raise ValueError("these rows belong to another cache")
-            return seqs._rows, seqs._gens, seqs.seqs
+            return seqs._batch, seqs.seqs
         if isinstance(seqs, (str, bytes)) or not hasattr(seqs, "__iter__"):
             raise TypeError(f"seqs must be a list of sequence ids or a "
                             f"SeqRows, got {seqs!r}")
         ids = seqs if type(seqs) is list else list(seqs)
+        batch = np.empty((3, len(ids)), np.int64)
         try:
-            rows = np.fromiter(map(self._row_of.__getitem__, ids), np.int64, len(ids))
+            batch[B_ROW] = np.fromiter(map(self._row_of.__getitem__, ids), np.int64, len(ids))
         except (KeyError, TypeError):
             for s in ids:
                 self._row(s)        # raises, naming the first unknown id
             raise
-        return rows, _NO_GENS, ids
+        batch[B_GEN] = -1
+        return batch, ids
 
     def _ints(self, values, name, n=None):
-        """``values`` as a C-contiguous int64 array (of length ``n``)."""
-        if not (type(values) is np.ndarray and values.dtype == np.int64
-                and values.ndim == 1 and values.flags.c_contiguous
-                and values.flags.writeable):
+        """``values`` as a C-contiguous int64 array (of length ``n``): as it
+        is when it is one already, else converted (a copy)."""
+        if not (type(values) is np.ndarray and values.dtype is _I64
+                and values.ndim == 1 and values.flags.c_contiguous):
             arr = np.asarray(values)
             if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.ndim == 1):
                 bad = next((x for x in arr.reshape(-1).tolist()
@@ -2882,7 +2922,8 @@ class PagedKVCache:
                 raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
             if arr.dtype == np.uint64 and arr.size and arr.max() >= 1 << 63:
                 raise ValueError(f"{name} holds {arr.max()}, too large for int64")
-            values = np.array(arr, np.int64)
+            values = arr if arr is not values and arr.dtype is _I64 \
+                and arr.flags.c_contiguous else np.array(arr, np.int64)
         if n is not None and values.shape[0] != n:
             raise ValueError(f"{name} has {values.shape[0]} values for {n} sequences")
         return values
@@ -2987,8 +3028,7 @@ class PagedKVCache:
         while True:
             status = self._kernel("extend", _paged_extend, (
                 self._tables, self._lens, self._fill, self._tok, self._rowinfo,
-                self._state, self._meta, self.block_tokens, row, tokens, stamp,
-                out, self._info))
+                self._meta, self.block_tokens, row, tokens, stamp, out, self._info))
             if status != _S_GROW:
                 break
             self._grow_columns(int(self._info[0]))
@@ -3005,34 +3045,44 @@ class PagedKVCache:
     def append(self, seqs, tokens):
         """The decode step: one new token per sequence (``seqs``: ids or a
         ``SeqRows``), a new block for those whose last is full; returns the
-        int64 slot ids. All-or-nothing, or with ``preempt="newest"`` the
+        int64 slot ids (for a ``SeqRows``, its own array, overwritten by its
+        next ``append``). All-or-nothing, or with ``preempt="newest"`` the
         newest sequences are freed until the rest fit (slot -1 for those in
-        ``seqs``; reports with reason "preempt"). One compiled call, O(B)."""
-        rows, gens, ids = self._rows(seqs)
-        n = rows.shape[0]
-        tokens = self._ints(tokens, "tokens", n)
-        out = np.empty(n, np.int64)
+        ``seqs``; reports with reason "preempt"). One compiled call, O(B);
+        nothing is allocated for a ``SeqRows`` and int64 ``tokens``."""
+        if type(seqs) is SeqRows and seqs._cache is self:
+            batch, ids = seqs._batch, seqs.seqs
+        else:
+            batch, ids = self._rows(seqs)
+        if not (type(tokens) is np.ndarray and tokens.dtype is _I64
+                and tokens.ndim == 1 and tokens.flags.c_contiguous):
+            tokens = self._ints(tokens, "tokens")
+        if tokens.shape[0] != batch.shape[1]:
+            raise ValueError(f"tokens has {tokens.shape[0]} values for "
+                             f"{batch.shape[1]} sequences")
+        fn = self._fn.get("append")
+        if fn is None:
+            fn = self._fn["append"] = _compiled(_paged_append, *(numba.typeof(a) for a in (
+                self._tables, self._lens, self._fill, self._tok, self._rowinfo,
+                self._meta, 1, batch, tokens, 1, self._info)))
         info = self._info
-        info[2] = 0
-        while True:
-            fn = self._fn.get("append")
-            args = (self._tables, self._lens, self._fill, self._tok,
-                    self._rowinfo, self._state, self._meta, self.block_tokens,
-                    rows, gens, tokens, self._preempt_flag, out,
-                    self._pre, info)
-            status = fn(*args) if fn is not None else self._kernel(
-                "append", _paged_append, args)
-            if status != _S_GROW:
-                break
+        status = fn(self._tables, self._lens, self._fill, self._tok, self._rowinfo,
+                    self._meta, self.block_tokens, batch, tokens,
+                    self._preempt_flag, info)
+        while status == _S_GROW:
             self._grow_columns(int(info[0]))
+            info = self._info
+            status = fn(self._tables, self._lens, self._fill, self._tok,
+                        self._rowinfo, self._meta, self.block_tokens, batch,
+                        tokens, self._preempt_flag, info)
         if status != OK:
             self._raise(status, ids, tokens)
         if info[2]:
-            pre = self._pre[:2 * int(info[2])].tolist()
+            pre = info[_INFO:_INFO + 2 * int(info[2])].tolist()
             reports = self._evicted(list(zip(pre[::2], pre[1::2])), "preempt")
             if reports:
                 self._deliver(reports)
-        return out
+        return batch[B_OUT]
 
     def remove(self, seq):
         """Free a sequence's blocks."""
@@ -3041,11 +3091,12 @@ class PagedKVCache:
     def remove_many(self, seqs):
         """Free several sequences' blocks, in order, each last block first;
         all-or-nothing. One compiled call, O(B + blocks)."""
-        rows, _, ids = self._rows(list(seqs) if type(seqs) is SeqRows else seqs)
+        batch, ids = self._rows(list(seqs) if type(seqs) is SeqRows else seqs)
+        rows = batch[B_ROW]
         lengths = self._lens[rows].tolist() if self._listeners else None
         status = self._kernel("remove", _paged_remove, (
-            self._tables, self._lens, self._fill, self._rowinfo, self._state,
-            self._meta, self.block_tokens, rows, self._info))
+            self._tables, self._lens, self._fill, self._rowinfo, self._meta,
+            self.block_tokens, batch, self._info))
         if status != OK:
             self._raise(status, ids)
         reports = self._evicted(list(zip(rows.tolist(), lengths or [0] * len(ids))), "remove")
@@ -3058,7 +3109,7 @@ class PagedKVCache:
         lookups, and ``block_table`` returns views. Rows move by swapping
         (handles of moved sequences go stale). One compiled call, O(B)."""
         ids = list(seqs)
-        rows = self._rows(ids)[0]
+        rows = self._rows(ids)[0][B_ROW]
         if len(set(rows.tolist())) != len(ids):
             seen = set()
             for s in ids:
@@ -3083,8 +3134,10 @@ class PagedKVCache:
             self._kernel("swap", _paged_swap, (self._tables, self._lens, self._rowinfo,
                                                np.array(pairs, np.int64)))
         n = len(ids)
-        return SeqRows(tuple(ids), np.arange(n, dtype=np.int64),
-                       self._rowinfo[:n, R_GEN].copy(), self)
+        batch = np.zeros((3, n), np.int64)
+        batch[B_ROW] = np.arange(n)
+        batch[B_GEN] = self._rowinfo[:n, R_GEN]
+        return SeqRows(tuple(ids), batch, self)
 
     def __len__(self):
         return len(self._row_of)
@@ -3108,7 +3161,7 @@ class PagedKVCache:
         n = _as_int(n, "n")
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
-        rows = self._rows(seqs)[0]
+        rows = self._rows(seqs)[0][B_ROW]
         lens = self._lens[rows].astype(np.int64)
         bt = self.block_tokens
         return int((-(-(lens + n) // bt) - (-(-lens // bt))).sum())
@@ -3139,7 +3192,7 @@ class PagedKVCache:
         k = self._kv_rows(k, "k", n)
         v = self._kv_rows(v, "v", n)
         fn = self._fn.get("store")
-        args = (self._bits, self._fill, self._state, self.block_tokens,
+        args = (self._bits, self._fill, self._meta, self.block_tokens,
                 self.layers, layer, slots, k, v, self._info)
         status = fn(*args) if fn is not None else self._kernel("store", _paged_store, args)
         if status != OK:
@@ -3152,10 +3205,10 @@ class PagedKVCache:
         head_dim]`` of the sequences' K and V in the cache's dtype,
         zero-padded, and their int32 lengths."""
         layer = self._layer(layer)
-        rows, gens, ids = self._rows(seqs)
+        batch, ids = self._rows(seqs)
         status, k, v, lens = self._kernel("gather", _paged_gather, (
             self._bits, self._tables, self._lens, self._rowinfo,
-            self.block_tokens, self.layers, layer, self._e, rows, gens, self._info))
+            self.block_tokens, self.layers, layer, self._e, batch, self._info))
         if status != OK:
             self._raise(status, ids)
         shape = (k.shape[0], k.shape[1], self.kv_heads, self.head_dim)
@@ -3165,17 +3218,20 @@ class PagedKVCache:
         """(int32 ``[B, most blocks in the batch]`` padded with -1, int32
         ``[B]`` token counts). For a ``SeqRows`` both are views of the
         persistent table, updated in place until it grows; else copies."""
-        rows, gens, ids = self._rows(seqs)
-        if type(seqs) is SeqRows:
+        if type(seqs) is SeqRows and seqs._cache is self:
+            batch = seqs._batch
             fn = self._fn.get("width")
-            args = (self._lens, self._rowinfo, self.block_tokens, rows, gens, self._info)
-            width = fn(*args) if fn is not None else self._kernel("width", _paged_width, args)
+            if fn is None:
+                fn = self._fn["width"] = _compiled(_paged_width, *(numba.typeof(a) for a in (
+                    self._lens, self._rowinfo, 1, batch, self._info)))
+            width = fn(self._lens, self._rowinfo, self.block_tokens, batch, self._info)
             if width < 0:
-                self._raise(width, ids)
-            n = rows.shape[0]
+                self._raise(width, seqs.seqs)
+            n = batch.shape[1]
             return self._tables[:n, :width], self._lens[:n]
+        batch, ids = self._rows(seqs)
         status, table, lens = self._kernel("table", _paged_table, (
-            self._tables, self._lens, self._rowinfo, self.block_tokens, rows, self._info))
+            self._tables, self._lens, self._rowinfo, self.block_tokens, batch, self._info))
         if status != OK:
             self._raise(status, ids)
         return table, lens
@@ -3187,8 +3243,8 @@ class PagedKVCache:
         kv head ``h // (q_heads // kv_heads)``; softmax(q·Kᵀ·scale)·V in
         float32, ``scale`` defaulting to 1/sqrt(head_dim). One compiled call."""
         layer = self._layer(layer)
-        rows, gens, ids = self._rows(seqs)
-        n = rows.shape[0]
+        batch, ids = self._rows(seqs)
+        n = batch.shape[1]
         if not isinstance(q, np.ndarray):
             raise TypeError(f"q must be a numpy array, got {type(q).__name__}")
         if q.dtype.kind != "f":
@@ -3208,8 +3264,8 @@ class PagedKVCache:
             raise TypeError(f"scale must be a finite number, got {scale!r}")
         fn = self._fn.get("attention")
         args = (self._bits, self._lut, self._tables, self._lens, self._rowinfo,
-                self.block_tokens, self.layers, layer, self.kv_heads, q, rows,
-                gens, qlens, float(scale), self._info)
+                self.block_tokens, self.layers, layer, self.kv_heads, q, batch,
+                qlens, float(scale), self._info)
         status, out = fn(*args) if fn is not None else self._kernel(
             "attention", _paged_attention, args)
         if status == _S_BAD_QLEN:
@@ -3218,7 +3274,7 @@ class PagedKVCache:
                 raise ValueError(f"q_lens sum to {int(self._info[1])}, but q "
                                  f"holds {q.shape[0]} tokens")
             raise ValueError(f"q_lens[{i}] = {qlens[i]} is not within the "
-                             f"sequence's {int(self._lens[rows[i]])} tokens")
+                             f"sequence's {int(self._lens[batch[B_ROW, i]])} tokens")
         if status != OK:
             self._raise(status, ids)
         return out
