@@ -17,11 +17,15 @@ entries holding Python lists of block ids, a deque free list with FIFO reuse
 and a bump counter, an RLock held through each public call as kvpool holds
 its own, and ``KVCacheManager``'s size and key checks and the counters
 compared below), ``VllmFreeQueue`` (a vLLM-style doubly linked free block
-queue) and, for the block batches, a plain ``collections.deque`` (the
-like-for-like FIFO). A short equivalence check at start-up runs one random
+queue), for the block batches, a plain ``collections.deque`` (the
+like-for-like FIFO), and for the paged cache (case 12) ``PagedPeer`` (vLLM
+v1's books: request objects, block lists, a persistent numpy block table)
+and a contiguous numpy cache with numpy attention. A short equivalence check at start-up runs one random
 operation stream through both managers and compares every block id and
-counter, and case 3 checks that its three queues hand out the same ids, so a
-ratio always compares the same work.
+counter, case 3 checks that its three queues hand out the same ids, and case
+12 compares slots, tables, attention outputs, stored bytes and serving
+outcomes with its peers' before timing, so a ratio always compares the same
+work.
 
 Under NUMBA_DISABLE_JIT=1 the loop counts are divided by 10 to 50 (kvpool then runs
 as plain Python and the figures describe that fallback, not the compiled pool).
@@ -88,6 +92,10 @@ class Config:
         self.churn_steps = 10_000 if q else 60_000
         self.serve_steps = 250 if q else 1000
         self.save_arena = (32 << 20) if q else (256 << 20)
+        self.paged_steps = 50 if q else 200                # bookkeeping steps per repeat
+        self.paged_repeats = 15 if q else 31               # cheap paged rows: more repeats
+        self.paged_decode = (32, 256, 1024, 4 if q else 16)   # seqs, contexts, steps
+        self.prefix_requests = 400 if q else 2000          # shared-prefix trace
         if JIT_DISABLED:
             self.scale_down(50)
 
@@ -100,6 +108,10 @@ class Config:
         self.churn_steps = max(1, self.churn_steps // 10)
         self.serve_steps = max(1, self.serve_steps // 2)
         self.save_arena = 8 << 20
+        self.paged_steps = max(1, self.paged_steps // k)
+        self.paged_repeats = 3
+        self.paged_decode = (4, 16, 64, 1)
+        self.prefix_requests = 40
 
     def to_dict(self):
         return {k: v for k, v in vars(self).items()}
@@ -177,8 +189,9 @@ def shown(sample, unit, nbytes=None):
     if unit == "MB/s":           # bytes per op / ns per op: the fastest run is the max
         conv = lambda ns: nbytes / ns * 1e3
         return conv(sample.median), conv(sample.max), conv(sample.min)
-    if unit == "s":
-        return sample.median / 1e9, sample.min / 1e9, sample.max / 1e9
+    scale = {"s": 1e9, "ms": 1e6, "ms/step": 1e6, "us/step": 1e3}.get(unit)
+    if scale:
+        return sample.median / scale, sample.min / scale, sample.max / scale
     return sample.median, sample.min, sample.max
 
 
@@ -1163,6 +1176,609 @@ def case_save_load(cfg):
         note=note)
 
 
+# -- case 12: the paged cache -----------------------------------------------------------
+
+class PagedRequest:
+    __slots__ = ("rid", "row", "blocks", "num_tokens", "order")
+
+
+class PagedPeer:
+    """The paged cache's peer, written the way vLLM v1 keeps its books: a
+    request object per sequence holding a list of ``Block`` objects from a
+    ``VllmFreeQueue``, slots allocated request by request, and a persistent
+    numpy block table ``[max_requests, max_blocks]`` (and lengths) updated in
+    place, as vLLM's worker keeps one. ``preempt`` frees the most recently
+    added requests until the rest fit; ``peak`` is the most blocks in use."""
+
+    def __init__(self, num_blocks, bt, max_requests, max_blocks):
+        self.num_blocks = num_blocks
+        self.free = VllmFreeQueue([Block(i) for i in range(num_blocks)])
+        self.bt = bt
+        self.table = np.full((max_requests, max_blocks), -1, np.int32)
+        self.lens = np.zeros(max_requests, np.int32)
+        self.reqs = {}
+        self.rows = list(range(max_requests - 1, -1, -1))
+        self.order = 0
+        self.peak = 0
+
+    def add(self, rid, tokens):
+        need = -(-len(tokens) // self.bt)
+        if need > self.free.num_free:
+            raise PoolExhaustedError(need, self.free.num_free)
+        r = PagedRequest()
+        r.rid, r.row, r.num_tokens, r.order = rid, self.rows.pop(), len(tokens), self.order
+        self.order += 1
+        r.blocks = self.free.popleft_n(need)
+        self.table[r.row, :need] = [b.block_id for b in r.blocks]
+        self.lens[r.row] = r.num_tokens
+        self.reqs[rid] = r
+        self.peak = max(self.peak, self.num_blocks - self.free.num_free)
+
+    def remove(self, rid):
+        r = self.reqs.pop(rid)
+        self.free.append_n(r.blocks[::-1])
+        self.table[r.row, :len(r.blocks)] = -1
+        self.lens[r.row] = 0
+        self.rows.append(r.row)
+
+    def append(self, reqs, tokens, preempt=False):
+        """One token per request; their slot ids, -1 for the preempted."""
+        bt = self.bt
+        need = sum(1 for r in reqs if r.num_tokens % bt == 0)
+        gone = set()
+        while need > self.free.num_free:
+            if not preempt:
+                raise PoolExhaustedError(need, self.free.num_free)
+            victim = max(self.reqs.values(), key=lambda r: r.order)
+            if victim.num_tokens % bt == 0 and any(r is victim for r in reqs):
+                need -= 1
+            gone.add(victim.rid)
+            self.remove(victim.rid)
+        slots = np.empty(len(reqs), np.int64)
+        table, lens = self.table, self.lens
+        for i, r in enumerate(reqs):
+            if r.rid in gone:
+                slots[i] = -1
+                continue
+            n = r.num_tokens
+            if n % bt == 0:
+                b = self.free.popleft_n(1)[0]
+                r.blocks.append(b)
+                table[r.row, n // bt] = b.block_id
+            slots[i] = r.blocks[n // bt].block_id * bt + n % bt
+            r.num_tokens = n + 1
+            lens[r.row] = n + 1
+        self.peak = max(self.peak, self.num_blocks - self.free.num_free)
+        return slots
+
+
+def paged_bookkeeping(cfg):
+    """Row paged-bookkeeping: ``append`` + ``block_table`` per decode step
+    for 256 sequences (a ``SeqRows`` handle) against ``PagedPeer``."""
+    B, bt, steps = 256, 16, cfg.paged_steps
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 1000, n) for n in rng.integers(100, 2001, B)]
+    blocks = sum(-(-(len(p) + steps + 4) // bt) for p in prompts) + 8
+    tokens = rng.integers(0, 1000, (steps + 3, B))
+
+    def make_kv():
+        c = kvpool.PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,
+                                dtype=np.float32)
+        for i, p in enumerate(prompts):
+            c.add(i, p)
+        return c, c.rows(range(B))
+
+    def make_peer():
+        p = PagedPeer(blocks, bt, B, -(-(2000 + steps + 4) // bt))
+        for i, t in enumerate(prompts):
+            p.add(i, t)
+        return p, [p.reqs[i] for i in range(B)]
+
+    def run_kv(state):
+        c, rows = state
+        for s in range(steps):
+            c.append(rows, tokens[s])
+            c.block_table(rows)
+
+    def run_peer(state):
+        p, reqs = state
+        for s in range(steps):
+            p.append(reqs, tokens[s])
+            p.table[:B], p.lens[:B]
+
+    (c, rows), (p, reqs) = make_kv(), make_peer()          # the same work?
+    for s in range(steps, steps + 3):
+        assert np.array_equal(c.append(rows, tokens[s]), p.append(reqs, tokens[s]))
+        table, lens = c.block_table(rows)
+        assert np.array_equal(lens, p.lens[:B])
+        assert np.array_equal(table, p.table[:B, :table.shape[1]])
+    kv = timed(run_kv, steps, cfg.paged_repeats, setup=make_kv)
+    peer = timed(run_peer, steps, cfg.paged_repeats, setup=make_peer)
+    row("paged-bookkeeping", "12", f"decode step, {B} seqs: append+block_table", "us/step",
+        kv, peer, "PagedPeer (vLLM-style)",
+        note="a SeqRows handle; tables identical to the peer's")
+
+
+def paged_decode(cfg):
+    """Rows paged-decode and paged-read-bw: append, store and attention per
+    layer for a batch of float16 sequences against a contiguous numpy cache
+    (one preallocated array per sequence and layer, attention per sequence)."""
+    B, lo, hi, steps = cfg.paged_decode
+    L, kvh, qh, hd, bt = 2, 4, 8, 64, 16
+    rng = np.random.default_rng(2)
+    lens0 = rng.integers(lo, hi + 1, B)
+    group = qh // kvh
+    data = {(s, l): tuple(rng.standard_normal((lens0[s], kvh, hd)).astype(np.float16)
+                          for _ in "kv") for s in range(B) for l in range(L)}
+    q = rng.standard_normal((steps, L, B, qh, hd)).astype(np.float32)
+    knew = rng.standard_normal((steps, L, B, kvh, hd)).astype(np.float16)
+    vnew = rng.standard_normal((steps, L, B, kvh, hd)).astype(np.float16)
+    toks = rng.integers(0, 1000, (steps, B))
+    nblocks = sum(-(-(n + steps) // bt) for n in lens0) + 4
+
+    def make_kv():
+        c = kvpool.PagedKVCache(nblocks, bt, layers=L, kv_heads=kvh, head_dim=hd,
+                                dtype=np.float16, prefix_caching=False)   # dummy tokens
+        for s in range(B):
+            c.add(s, np.zeros(lens0[s], np.int64))
+            for l in range(L):
+                c.store(l, c.slots(s), *data[s, l])
+        return c, c.rows(range(B))
+
+    def run_kv(state, out=None):
+        c, rows = state
+        for t in range(steps):
+            slots = c.append(rows, toks[t])
+            for l in range(L):
+                c.store(l, slots, knew[t, l], vnew[t, l])
+                o = c.attention(l, q[t, l], rows)
+                if out is not None:
+                    out.append(o)
+
+    def make_peer():
+        cache = {}
+        for s in range(B):
+            for l in range(L):
+                k = np.empty((lens0[s] + steps, kvh, hd), np.float16)
+                v = np.empty_like(k)
+                k[:lens0[s]], v[:lens0[s]] = data[s, l]
+                cache[s, l] = (k, v)
+        return cache, lens0.copy()
+
+    def run_peer(state, out=None):
+        cache, lens = state
+        scale = np.float32(1 / np.sqrt(hd))
+        for t in range(steps):
+            for l in range(L):
+                o = np.empty((B, qh, hd), np.float32)
+                for s in range(B):
+                    k, v = cache[s, l]
+                    n = lens[s]
+                    k[n], v[n] = knew[t, l, s], vnew[t, l, s]
+                    kf = k[:n + 1].astype(np.float32)           # [n + 1, kvh, hd]
+                    vf = v[:n + 1].astype(np.float32)
+                    qs = q[t, l, s].reshape(kvh, group, hd)
+                    sc = np.einsum("ghd,ngd->ghn", qs, kf) * scale
+                    w = np.exp(sc - sc.max(axis=2, keepdims=True))
+                    w /= w.sum(axis=2, keepdims=True)
+                    o[s] = np.einsum("ghn,ngd->ghd", w, vf).reshape(qh, hd)
+                if out is not None:
+                    out.append(o)
+            lens += 1
+
+    a, b = [], []                                               # the same results?
+    run_kv(make_kv(), a)
+    run_peer(make_peer(), b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    kv = timed(run_kv, steps, cfg.repeats, setup=make_kv)
+    peer = timed(run_peer, steps, cfg.repeats, setup=make_peer)
+    row("paged-decode", "12", f"decode loop, {B} seqs, {L} layers, fp16", "ms/step", kv, peer,
+        "contiguous numpy", note=f"contexts {lo}-{hi}, GQA {qh}/{kvh} heads of {hd}")
+    read = 2 * L * 2 * kvh * hd * int((lens0 + (steps + 1) // 2).sum())  # K+V bytes/step
+    src = np.ones(64 << 20, np.uint8)
+    dst = np.empty_like(src)
+    copy = timed(lambda _: np.copyto(dst, src), 1, cfg.repeats)
+    bw, copy_bw = read / kv.median * 1e3, src.nbytes / copy.median * 1e3
+    info("paged-read-bw", "12", "K/V bytes read per decode step / step time", "MB/s", bw,
+         note=f"np.copyto of 64 MiB: {copy_bw:,.0f} MB/s; {bw / copy_bw:.2f} of it",
+         copyto_mb_per_s=copy_bw, fraction_of_copyto=bw / copy_bw)
+
+
+def paged_store(cfg):
+    """Row paged-store: ``store`` of 4,096 tokens' K and V at once (a prompt's
+    consecutive slots) against ``np.copyto`` of the same bytes."""
+    T, kvh, hd, bt = 4096, 8, 128, 16
+    c = kvpool.PagedKVCache(T // bt + 1, bt, layers=1, kv_heads=kvh, head_dim=hd,
+                            dtype=np.float16)
+    c.add("s", np.zeros(T, np.int64))
+    slots = c.slots("s")
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((T, kvh, hd)).astype(np.float16)
+    v = rng.standard_normal((T, kvh, hd)).astype(np.float16)
+    c.store(0, slots, k, v)
+    got_k, got_v, _ = c.gather(0, ["s"])                         # the same bytes?
+    assert np.array_equal(got_k[0], k) and np.array_equal(got_v[0], v)
+    dst_k, dst_v = np.empty_like(k), np.empty_like(v)
+    kv = timed(lambda _: c.store(0, slots, k, v), 1, cfg.paged_repeats)
+    cp = timed(lambda _: (np.copyto(dst_k, k), np.copyto(dst_v, v)), 1, cfg.paged_repeats)
+    row("paged-store", "12", f"store {T:,} tokens of K and V", "MB/s", kv, cp, "np.copyto",
+        nbytes=2 * k.nbytes, note=f"{2 * k.nbytes >> 20} MiB, fp16, {kvh} heads of {hd}")
+
+
+def serve_paged(c, trace, peer):
+    """Run the trace with one sequence per request: each step one ``append``
+    for all running requests (preempting the newest, which go back to the
+    waiting queue), the finished removed, then admissions up to
+    ``max_running`` (a prompt that does not fit waits). (completed, preempted)."""
+    prompt, decode = trace.prompt, trace.decode
+    waiting = collections.deque()
+    running = {}                     # rid -> tokens still to decode
+    completed = preempted = 0
+    for arrivals in trace.arrivals:
+        waiting.extend(arrivals)
+        if running:
+            ids = list(running)
+            zeros = np.zeros(len(ids), np.int64)
+            slots = (c.append([c.reqs[i] for i in ids], zeros, preempt=True) if peer
+                     else c.append(ids, zeros))
+            done = []
+            for rid, s in zip(ids, slots.tolist()):
+                if s < 0:
+                    del running[rid]
+                    waiting.append(rid)
+                    preempted += 1
+                    continue
+                running[rid] -= 1
+                if running[rid] == 0:
+                    done.append(rid)
+            for rid in done:
+                del running[rid]
+            completed += len(done)
+            if done and peer:
+                for rid in done:
+                    c.remove(rid)
+            elif done:
+                c.remove_many(done)
+        while waiting and len(running) < trace.max_running:
+            rid = waiting[0]
+            try:
+                c.add(rid, np.zeros(prompt[rid], np.int64))
+            except PoolExhaustedError:
+                break
+            waiting.popleft()
+            running[rid] = decode[rid]
+    return completed, preempted
+
+
+def paged_serving(cfg):
+    """Rows paged-serve*: case 7's trace on ``PagedKVCache`` (preempt
+    "newest") against ``PagedPeer``, in a pool of 80% of the peak demand."""
+    trace, bt = Trace(cfg.serve_steps), 16
+    max_blocks = -(-(max(trace.prompt) + max(trace.decode)) // bt)
+    unlimited = PagedPeer(1 << 16, bt, 256, max_blocks)
+    serve_paged(unlimited, trace, True)
+    blocks = max(1, int(0.8 * unlimited.peak))
+    out = {}
+
+    def run(c, tag):
+        out[tag] = serve_paged(c, trace, tag == "peer")
+
+    kv = timed(lambda c: run(c, "kv"), 1, cfg.repeats,
+               setup=lambda: kvpool.PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,
+                                                 dtype=np.float32, preempt="newest",
+                                                 prefix_caching=False))   # dummy tokens
+    peer = timed(lambda p: run(p, "peer"), 1, cfg.repeats,
+                 setup=lambda: PagedPeer(blocks, bt, 256, max_blocks))
+    assert out["kv"] == out["peer"], out                         # the same work?
+    completed, preempted = out["kv"]
+    row("paged-serve", "12", f"serving trace, {cfg.serve_steps:,} steps, preempt newest",
+        "ms", kv, peer, "PagedPeer (vLLM-style)",
+        note=f"{completed:,} of {trace.requests:,} requests, {preempted:,} preemptions",
+        requests_per_s=completed / (kv.median / 1e9))
+    info("paged-serve-req-per-s", "12", "requests completed per second", "req/s",
+         completed / (kv.median / 1e9),
+         note=f"peer {completed / (peer.median / 1e9):,.0f} req/s; pool {blocks:,} blocks = "
+              f"80% of the unlimited peak {unlimited.peak:,}")
+
+
+class PBlock:
+    __slots__ = ("id", "prev", "next", "ref_cnt", "block_hash")
+
+    def __init__(self, i):
+        self.id, self.prev, self.next, self.ref_cnt, self.block_hash = i, None, None, 0, None
+
+
+class PrefixPeer:
+    """vLLM v1's prefix-caching block pool in pure Python: block objects in a
+    doubly linked free queue (remove from the middle on a hit), a map of
+    hash -> {block id: block} (oldest first), a chained Python hash of the
+    parent hash and each full block's tokens, reference counts, newest-first
+    preemption."""
+
+    def __init__(self, num_blocks, bt):
+        self.blocks = [PBlock(i) for i in range(num_blocks)]
+        self.head, self.tail = PBlock(-1), PBlock(-1)
+        prev = self.head
+        for b in self.blocks:
+            prev.next, b.prev = b, prev
+            prev = b
+        prev.next, self.tail.prev = self.tail, prev
+        self.nfree = num_blocks
+        self.cached = {}
+        self.bt = bt
+        self.reqs = {}                 # rid -> [blocks, tokens, order]
+        self.order = 0
+
+    def _remove(self, b):
+        b.prev.next, b.next.prev = b.next, b.prev
+        b.prev = b.next = None
+        self.nfree -= 1
+
+    def _push(self, b):
+        last = self.tail.prev
+        last.next, b.prev, b.next, self.tail.prev = b, last, self.tail, b
+        self.nfree += 1
+
+    def _new_block(self):
+        b = self.head.next
+        self._remove(b)
+        if b.block_hash is not None:
+            group = self.cached[b.block_hash]
+            del group[b.id]
+            if not group:
+                del self.cached[b.block_hash]
+            b.block_hash = None
+        b.ref_cnt = 1
+        return b
+
+    def _cache(self, blocks, tokens, j):
+        parent = blocks[j - 1].block_hash if j else None
+        h = hash((parent, tuple(tokens[j * self.bt:(j + 1) * self.bt])))
+        blocks[j].block_hash = h
+        self.cached.setdefault(h, {})[blocks[j].id] = blocks[j]
+
+    def add(self, rid, tokens):
+        bt = self.bt
+        hits, parent = [], None
+        for j in range((len(tokens) - 1) // bt):
+            h = hash((parent, tuple(tokens[j * bt:(j + 1) * bt])))
+            group = self.cached.get(h)
+            if not group:
+                break
+            hits.append(next(iter(group.values())))
+            parent = h
+        need = -(-len(tokens) // bt) - len(hits)
+        if need > self.nfree - sum(1 for b in hits if b.ref_cnt == 0):
+            raise PoolExhaustedError(need, self.nfree)
+        for b in hits:
+            if b.ref_cnt == 0:
+                self._remove(b)
+            b.ref_cnt += 1
+        blocks = hits + [self._new_block() for _ in range(need)]
+        tokens = list(tokens)
+        for j in range(len(hits), len(tokens) // bt):
+            self._cache(blocks, tokens, j)
+        self.reqs[rid] = [blocks, tokens, self.order]
+        self.order += 1
+        return len(hits) * bt
+
+    def remove(self, rid):
+        blocks = self.reqs.pop(rid)[0]
+        for b in reversed(blocks):
+            b.ref_cnt -= 1
+            if b.ref_cnt == 0:
+                self._push(b)
+
+    def append(self, rids, tokens):
+        """One token each; the preempted (newest first) get -1."""
+        bt = self.bt
+        need = sum(1 for r in rids if len(self.reqs[r][1]) % bt == 0)
+        gone = set()
+        while need > self.nfree:
+            victim = max(self.reqs, key=lambda r: self.reqs[r][2])
+            if len(self.reqs[victim][1]) % bt == 0 and victim in rids:
+                need -= 1
+            gone.add(victim)
+            self.remove(victim)
+        out = []
+        for r, t in zip(rids, tokens):
+            if r in gone:
+                out.append(-1)
+                continue
+            blocks, toks, _ = self.reqs[r]
+            if len(toks) % bt == 0:
+                blocks.append(self._new_block())
+            toks.append(t)
+            out.append(blocks[-1].id)
+            if len(toks) % bt == 0:
+                self._cache(blocks, toks, len(toks) // bt - 1)
+        return out
+
+
+def prefix_trace(n):
+    rng = np.random.default_rng(13)
+    systems = [rng.integers(0, 32000, int(k)).tolist() for k in rng.integers(256, 1025, 8)]
+    prompts = [systems[rng.integers(8)] + rng.integers(0, 32000, int(rng.integers(8, 65))).tolist()
+               for _ in range(n)]
+    decode = rng.integers(16, 129, n).tolist()
+    return prompts, decode
+
+
+def serve_prefix(c, prompts, decode, max_running, peer):
+    """Admit in order while it fits, one decode step for all running, the
+    newest preempted (and restarted) when short; (completed, preempted,
+    covered tokens per admission)."""
+    waiting = collections.deque(range(len(prompts)))
+    running = {}
+    covered = []
+    completed = preempted = step = 0
+    while waiting or running:
+        while waiting and len(running) < max_running:
+            rid = waiting[0]
+            try:
+                covered.append(c.add(rid, prompts[rid]))
+            except PoolExhaustedError:
+                break
+            waiting.popleft()
+            running[rid] = decode[rid]
+        ids = list(running)
+        step += 1
+        toks = [(step * 31 + r) % 32000 for r in ids]
+        slots = c.append(ids, toks) if peer else c.append(ids, toks).tolist()
+        done = []
+        for rid, s in zip(ids, slots):
+            if s < 0:
+                del running[rid]
+                waiting.appendleft(rid)
+                preempted += 1
+            else:
+                running[rid] -= 1
+                if running[rid] == 0:
+                    done.append(rid)
+        for rid in done:
+            del running[rid]
+            completed += 1
+        if done:
+            if peer:
+                for rid in done:
+                    c.remove(rid)
+            else:
+                c.remove_many(done)
+    return completed, preempted, covered
+
+
+def serve_prefix_kv(c, prompts, decode, max_running):
+    """serve_prefix for a PagedKVCache, its per-step work in numpy: the same
+    admissions, steps, tokens and preemptions."""
+    waiting = collections.deque(range(len(prompts)))
+    ids, left = [], np.zeros(0, np.int64)
+    covered = []
+    completed = preempted = step = 0
+    while waiting or ids:
+        added = []
+        while waiting and len(ids) + len(added) < max_running:
+            rid = waiting[0]
+            try:
+                covered.append(c.add(rid, prompts[rid]))
+            except PoolExhaustedError:
+                break
+            waiting.popleft()
+            added.append(rid)
+        if added:
+            ids = ids + added
+            left = np.concatenate([left, np.array([decode[r] for r in added], np.int64)])
+            arr = np.array(ids, np.int64)
+        step += 1
+        slots = c.append(ids, (step * 31 + arr) % 32000)
+        left -= 1
+        gone = slots < 0
+        done = (left == 0) & ~gone
+        if gone.any() or done.any():
+            if gone.any():
+                for i in np.flatnonzero(gone)[::-1].tolist():
+                    waiting.appendleft(ids[i])
+                preempted += int(gone.sum())
+            fin = np.flatnonzero(done).tolist()
+            if fin:
+                c.remove_many([ids[i] for i in fin])
+                completed += len(fin)
+            keep = np.flatnonzero(~(gone | done))
+            ids = [ids[i] for i in keep.tolist()]
+            left, arr = left[keep], arr[keep]
+    return completed, preempted, covered
+
+
+def paged_prefix(cfg):
+    """Rows paged-prefix*: 8 system prompts of 256-1,024 tokens, each request
+    one of them plus a unique suffix, 16-128 decoded tokens, 64 running, on a
+    pool of half the (unshared) peak demand, against ``PrefixPeer``: the
+    same hits, admission by admission."""
+    prompts, decode = prefix_trace(cfg.prefix_requests)
+    bt, running = 16, 64
+    peak = sum(sorted(-(-(len(p) + d) // bt) for p, d in zip(prompts, decode))[-running:])
+    blocks = peak // 2
+    arrays = [np.array(p, np.int64) for p in prompts]     # each side's natural form
+    out = {}
+
+    def run(c, tag):
+        out[tag] = (serve_prefix(c, prompts, decode, running, True) if tag == "peer"
+                    else serve_prefix_kv(c, arrays, decode, running))
+
+    kv = timed(lambda c: run(c, "kv"), 1, cfg.repeats,
+               setup=lambda: kvpool.PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,
+                                                 dtype=np.float32, preempt="newest"))
+    peer = timed(lambda p: run(p, "peer"), 1, cfg.repeats,
+                 setup=lambda: PrefixPeer(blocks, bt))
+    assert out["kv"] == out["peer"], "the peer found other hits"   # the same work?
+    done, preempted, covered = out["kv"]
+    rate = sum(covered) / sum(len(p) for p in prompts[:len(covered)])
+    row("paged-prefix", "12", f"shared-prefix trace, {len(prompts):,} requests", "ms",
+        kv, peer, "PrefixPeer (vLLM v1 rules)",
+        note=f"hit rate {rate:.2f}, {preempted:,} preemptions, pool {blocks:,} blocks = "
+             f"half the unshared peak", hit_rate=rate)
+    info("paged-prefix-req-per-s", "12", "shared-prefix requests per second", "req/s",
+         done / (kv.median / 1e9), note=f"peer {done / (peer.median / 1e9):,.0f} req/s")
+
+
+def paged_fork(cfg):
+    """Rows paged-fork*: 8 forks of a 1,000-token prefix, then 64 decoded
+    tokens each: time per fork (peer: block objects' reference counts) and
+    the blocks used against 9 unshared copies."""
+    bt, forks, prefix, steps = 16, 8, 1000, 64
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, 32000, prefix)
+    per_seq = -(-(prefix + steps) // bt)
+    kvs = rng.standard_normal((prefix, 4, 64))
+
+    def make():
+        c = kvpool.PagedKVCache(2 * forks * per_seq, bt, layers=2, kv_heads=4, head_dim=64,
+                                dtype=np.float16)
+        c.add("p", tokens)
+        for layer in range(2):
+            c.store(layer, c.slots("p"), kvs, kvs)
+        warm = [("warm", i) for i in range(forks)]   # entry point resolved,
+        for w in warm:                                # rows for the forks made
+            c.fork("p", w)
+        c.remove_many(warm)
+        return c
+
+    def run(c):
+        for i in range(forks):
+            c.fork("p", i)
+
+    def peer_fork(state):
+        blocks, reqs = state
+        for i in range(forks):
+            for b in blocks:
+                b.ref_cnt += 1
+            reqs[i] = list(blocks)
+
+    kv = timed(run, forks, cfg.paged_repeats, setup=make)
+    peer = timed(peer_fork, forks, cfg.paged_repeats,
+                 setup=lambda: ([PBlock(i) for i in range(-(-prefix // bt))], {}))
+    row("paged-fork", "12", f"fork of a {prefix:,}-token sequence", "ns/op", kv, peer,
+        "block objects' ref counts")
+    c = make()
+    run(c)
+    h = c.rows(list(range(forks)))
+    for s in range(steps):
+        c.append(h, np.full(forks, s))
+    unshared = (forks + 1) * -(-prefix // bt) + forks * (per_seq - -(-prefix // bt))
+    info("paged-fork-blocks", "12", f"blocks for {forks} forks + {steps} tokens each",
+         "blocks", c.stats.used_blocks,
+         note=f"{unshared:,} as unshared copies; {c.stats.cow_copies} copies on write")
+
+
+def case_paged(cfg):
+    paged_bookkeeping(cfg)
+    paged_decode(cfg)
+    paged_store(cfg)
+    paged_serving(cfg)
+    paged_prefix(cfg)
+    paged_fork(cfg)
+
+
 # -- targets ------------------------------------------------------------------------
 
 def ratio_at_least(limit):
@@ -1223,6 +1839,12 @@ TARGETS = [
      "<= 1.000 s", seconds_at_most(1.0)),
     ("cold-start", "cold start, from after import numba", "8", ["cold-start"],
      "<= 7.900 s (no slower than before)", seconds_at_most(7.9)),
+    ("paged-bookkeeping", "paged decode step vs vLLM-style books", "12",
+     ["paged-bookkeeping"], "ratio >= 10.00", ratio_at_least(10.0)),
+    ("paged-decode", "paged decode loop vs contiguous numpy", "12", ["paged-decode"],
+     "ratio >= 1.50", ratio_at_least(1.5)),
+    ("paged-store", "paged store vs np.copyto", "12", ["paged-store"],
+     "ratio >= 0.50", ratio_at_least(0.5)),
 ]
 
 
@@ -1356,6 +1978,7 @@ CASES = [
     ("9", "memory", case_memory),
     ("10", "lock cost", case_lock),
     ("11", "save / load", case_save_load),
+    ("12", "paged cache", case_paged),
 ]
 DIAGNOSTIC_CASES = {"10"}       # run only with --diagnostics
 

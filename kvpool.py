@@ -57,15 +57,16 @@ __all__ = [
 __version__ = "0.1.0"
 
 import collections
+import collections.abc
 import dataclasses
 import itertools
 import json
 import operator
 import os
+import re
 import tempfile
 import threading
 import time
-import types
 
 import numba
 import numpy as np
@@ -242,42 +243,32 @@ def _allocate(meta):
 
 
 @njit(cache=True)
-def _release_status(state, ids):
-    """``(index, status)`` of the first id in ``ids`` that a release refuses,
-    or ``(-1, OK)``: out of range, a repeat, a chain's block, or not taken.
-    Marks the ids it passes FREE and then restores them (a repeat shows as
-    no longer HELD), so ``state`` ends as it began."""
+def _release_n(meta, ids):
+    """Return HELD blocks ``ids`` to the ring tail in order; ``(-1, OK)``, or
+    the first bad id's index and ``ERR_*`` code (out of range, a repeat, a
+    chain's block, not taken), freeing nothing. One pass marks each id FREE
+    as it goes, so a repeat shows as no longer HELD; a refusal puts the
+    marked ones back."""
+    state = _state_of(meta)
     total = state.shape[0]
-    bad = -1
-    status = OK
     for i in range(ids.shape[0]):
         b = ids[i]
+        status = OK
         if b < 0 or b >= total:
-            bad, status = i, ERR_RANGE
-            break
-        s = state[b]
-        if s != HELD:
-            bad = i
+            status = ERR_RANGE
+        elif state[b] != HELD:
+            s = state[b]
             status = ERR_IN_ENTRY if s == HEAD or s == LINK else ERR_NOT_ALLOCATED
             for k in range(i):
                 if ids[k] == b:
                     status = ERR_DUPLICATE
-            break
+        if status != OK:
+            for k in range(i):
+                state[ids[k]] = HELD
+            return i, status
         state[b] = FREE
-    for k in range(bad if bad >= 0 else ids.shape[0]):
-        state[ids[k]] = HELD
-    return bad, status
-
-
-@njit(cache=True)
-def _release_n(meta, ids):
-    """Return HELD blocks ``ids`` to the ring tail in order; ``(-1, OK)``, or
-    the first bad id's index and ``ERR_*`` code, freeing nothing."""
-    state = _state_of(meta)
-    bad, status = _release_status(state, ids)
-    if bad < 0:
-        _put(state, meta, ids)
-    return bad, status
+    _put(state, meta, ids)
+    return -1, OK
 
 
 @njit(cache=True)
@@ -300,25 +291,33 @@ def _release(meta, block):
 
 @njit(cache=True)
 def _walk(state, link, head, n, out, at):
-    """How many blocks (up to ``n``) the chain at ``head`` has before a bad id
-    or state; ``n + 1`` if it is exactly ``n`` long and ends. Records the good
-    ids it passes in ``out`` from index ``at`` on, wrapping to 0 at its end;
-    an empty ``out`` records nothing. Takes at most ``len(state)`` steps, so a
-    corrupted cycle cannot trap it."""
+    """``(got, ended)``: how many blocks (up to ``n``) the chain at ``head``
+    has before a bad id or state, and whether the walk stopped at the
+    chain's end (``NO_BLOCK``) rather than at ``n`` or a bad block. Records
+    the good ids it passes in ``out`` from index ``at`` on, wrapping to 0 at
+    its end; an empty ``out`` records nothing. Takes at most ``len(state)``
+    steps, so a corrupted cycle cannot trap it."""
     total = state.shape[0]
     size = out.shape[0]
-    steps = min(n, total)
     b = head
-    for i in range(steps):
+    for i in range(min(n, total)):
+        if b == NO_BLOCK:
+            return i, i > 0
         if b < 0 or b >= total or state[b] != (HEAD if i == 0 else LINK):
-            return i
+            return i, False
         if size > 0:
             out[at] = b
             at = at + 1 if at + 1 < size else 0
         b = link[b]
-    if steps < n:                       # more good blocks than exist
-        return steps
-    return n + 1 if b == NO_BLOCK and n > 0 else n
+    return min(n, total), b == NO_BLOCK
+
+
+@njit(cache=True)
+def _is_chain(state, link, head, n, out, at):
+    """Whether ``head`` starts a chain of exactly ``n >= 1`` blocks (ids
+    recorded as ``_walk`` does)."""
+    got, ended = _walk(state, link, head, n, out, at)
+    return n >= 1 and got == n and ended
 
 
 @njit(cache=True)
@@ -327,7 +326,7 @@ def _chain_blocks(meta, head, n):
     bad link or state (so a short result means a broken chain)."""
     state = _state_of(meta)
     out = np.empty(max(min(n, state.shape[0]), 0), np.int64)
-    return out[:_walk(state, _parts(state, meta)[1], head, n, out, 0)]
+    return out[:_walk(state, _parts(state, meta)[1], head, n, out, 0)[0]]
 
 
 @njit(cache=True)
@@ -398,10 +397,8 @@ def _free_chains(meta, heads):
     done = 0
     for k in range(heads.shape[0]):
         room = total - count - done     # no valid chain is longer
-        got = _walk(state, link, heads[k], room, ring, at)
-        if got > room:                  # exactly fills the room, and ends
-            got = room
-        elif got == 0 or link[ring[(at + got - 1) % total]] != NO_BLOCK:
+        got, ended = _walk(state, link, heads[k], room, ring, at)
+        if got == 0 or not ended:
             for i in range(done):       # undo the marks of chains 0..k-1
                 state[ring[(start + i) % total]] = LINK
             for j in range(k):
@@ -430,7 +427,7 @@ def _free_chain(meta, head, n):
     if n > total - count:               # more than the ring has room for
         return ERR_BAD_CHAIN            # (so more than are in use)
     tail = _tail(total, ctr[C_HEAD], count)
-    if _walk(state, link, head, n, ring, tail) != n + 1:
+    if not _is_chain(state, link, head, n, ring, tail):
         return ERR_BAD_CHAIN
     for i in range(n):
         state[ring[tail]] = FREE
@@ -451,7 +448,7 @@ def _resize_chain(arena, meta, head, n_old, n_new, zero_from, zero):
     state = _state_of(meta)
     ring, link, ctr = _parts(state, meta)
     ids = np.empty(max(min(n_old, state.shape[0]), 0), np.int64)
-    if _walk(state, link, head, n_old, ids, 0) != n_old + 1 or n_new < 1:
+    if not _is_chain(state, link, head, n_old, ids, 0) or n_new < 1:
         return ERR_BAD_CHAIN
     if zero_from < 0:
         return ERR_RANGE
@@ -474,68 +471,161 @@ def _resize_chain(arena, meta, head, n_old, n_new, zero_from, zero):
 
 
 @njit(cache=True)
-def _copy(arena, state, meta, head, n, offset, buf, into_arena):
-    """Scatter ``buf`` into (or gather it from) the chain's bytes starting
-    ``offset`` bytes in; ``OK`` or an ``ERR_*`` code, copying nothing.
-    Blocks adjacent in the arena are copied as one run; a ``buf`` that
-    overlaps the arena goes through a copy, as memmove would."""
+def _span_status(arena, state, meta, head, n, offset, size):
+    """``OK`` if ``size`` bytes from ``offset`` lie inside the chain of ``n``
+    blocks at ``head``, else ``ERR_BAD_CHAIN`` or ``ERR_RANGE``."""
     ring, link, ctr = _parts(state, meta)
-    if _walk(state, link, head, n, ring[:0], 0) != n + 1:   # (records nothing)
+    if not _is_chain(state, link, head, n, ring[:0], 0):   # (records nothing)
         return ERR_BAD_CHAIN
-    size = buf.shape[0]
-    bs = ctr[C_BLOCK_SIZE]
-    if offset < 0 or offset > n * bs - size:        # (no int64 overflow)
+    if offset < 0 or offset > n * ctr[C_BLOCK_SIZE] - size:   # (no overflow)
         return ERR_RANGE
-    lo = arena.ctypes.data
-    first = buf.ctypes.data                 # buf's bytes, at any stride
-    last = first + (size - 1) * buf.strides[0]
-    overlap = (size > 0 and min(first, last) < lo + arena.shape[0]
-               and lo <= max(first, last))
-    user_buf = buf
-    if overlap and into_arena:
-        buf = user_buf.copy()
-    elif overlap:
-        buf = np.empty(size, np.uint8)      # filled, then copied out
-    b = head
-    for i in range(offset // bs):
-        b = link[b]
-    within = offset % bs
-    done = 0
-    while done < size:
-        start = b * bs + within
-        length = min(bs - within, size - done)
-        b = link[b]
-        while done + length < size and b * bs == start + length:
-            length = min(length + bs, size - done)
-            b = link[b]
-        run = arena[start:start + length]   # views: the loops vectorize
-        part = buf[done:done + length]
-        if into_arena:
-            for j in range(length):
-                run[j] = part[j]
-        else:
-            for j in range(length):
-                part[j] = run[j]
-        done += length
-        within = 0
-    if overlap and not into_arena:
-        for j in range(size):
-            user_buf[j] = buf[j]
     return OK
 
 
 @njit(cache=True)
+def _overlaps(arena, buf):
+    """Whether ``buf``'s bytes (at any stride) overlap the arena's."""
+    if buf.shape[0] == 0:
+        return False
+    lo = arena.ctypes.data
+    first = buf.ctypes.data
+    last = first + (buf.shape[0] - 1) * buf.strides[0]
+    return min(first, last) < lo + arena.shape[0] and lo <= max(first, last)
+
+
+@njit(cache=True)
+def _seek(link, bs, head, offset):
+    """The block of a chain that holds byte ``offset``."""
+    b = head
+    for i in range(offset // bs):
+        b = link[b]
+    return b
+
+
+@njit(cache=True)
+def _run(link, bs, b, within, left):
+    """``(start, length, next block)``: the next run of a copy that is at
+    byte ``within`` of block ``b`` with ``left`` bytes to go, blocks
+    adjacent in the arena joined into one run."""
+    start = b * bs + within
+    length = min(bs - within, left)
+    b = link[b]
+    while length < left and b * bs == start + length:
+        length = min(length + bs, left)
+        b = link[b]
+    return start, length, b
+
+
+@njit(cache=True)
+def _copy_bytes(dst, dst_at, src, src_at, n):
+    """``dst[dst_at:dst_at + n] = src[src_at:src_at + n]``, as views: the
+    loop vectorizes."""
+    d = dst[dst_at:dst_at + n]
+    s = src[src_at:src_at + n]
+    for j in range(n):
+        d[j] = s[j]
+
+
+@njit(cache=True)
 def _write_chain(arena, meta, head, n, offset, data):
-    """Copy ``data`` (``uint8``) into the chain from byte ``offset``."""
+    """Copy ``data`` (``uint8``, read-only or not) into the chain from byte
+    ``offset``; ``OK`` or an ``ERR_*`` code, writing nothing. A ``data``
+    that overlaps the arena is copied first, as memmove would."""
     state = _state_of(meta)
-    return _copy(arena, state, meta, head, n, offset, data, True)
+    status = _span_status(arena, state, meta, head, n, offset, data.shape[0])
+    if status != OK:
+        return status
+    if _overlaps(arena, data):
+        data = data.copy()
+    link, bs = _parts(state, meta)[1], meta[C_BLOCK_SIZE]
+    b = _seek(link, bs, head, offset)
+    within = offset % bs
+    done = 0
+    while done < data.shape[0]:
+        start, length, b = _run(link, bs, b, within, data.shape[0] - done)
+        _copy_bytes(arena, start, data, done, length)
+        done += length
+        within = 0
+    return OK
 
 
 @njit(cache=True)
 def _read_chain(arena, meta, head, n, offset, out):
-    """Fill ``out`` (``uint8``) from the chain's bytes at ``offset``."""
+    """Fill ``out`` (``uint8``) from the chain's bytes at ``offset``; ``OK``
+    or an ``ERR_*`` code, reading nothing. An ``out`` that overlaps the
+    arena is filled through a fresh buffer."""
     state = _state_of(meta)
-    return _copy(arena, state, meta, head, n, offset, out, False)
+    status = _span_status(arena, state, meta, head, n, offset, out.shape[0])
+    if status != OK:
+        return status
+    into = np.empty(out.shape[0], np.uint8) if _overlaps(arena, out) else out
+    link, bs = _parts(state, meta)[1], meta[C_BLOCK_SIZE]
+    b = _seek(link, bs, head, offset)
+    within = offset % bs
+    done = 0
+    while done < out.shape[0]:
+        start, length, b = _run(link, bs, b, within, out.shape[0] - done)
+        _copy_bytes(into, done, arena, start, length)
+        done += length
+        within = 0
+    if into is not out:
+        _copy_bytes(out, 0, into, 0, out.shape[0])
+    return OK
+
+
+def _arena_bytes(value):
+    """``value`` if it is a 1-D C-contiguous ``uint8`` array, else
+    ``ValueError`` naming what it is (in both modes: see the overloads)."""
+    if not (isinstance(value, np.ndarray) and value.dtype == np.uint8
+            and value.ndim == 1 and value.flags.c_contiguous):
+        raise ValueError("arena must be a 1-D C-contiguous uint8 array, got "
+                         + _describe(value))
+    return value
+
+
+def _block_ids(value):
+    """``value`` if it is a 1-D integer array, else ``TypeError`` naming
+    what it is: the block calls take numpy arrays, not lists."""
+    if not (isinstance(value, np.ndarray) and value.dtype.kind in "iu"
+            and value.ndim == 1):
+        raise TypeError("block ids must be a 1-D integer numpy array, got "
+                        + _describe(value))
+    return value
+
+
+def _describe(value):
+    if isinstance(value, np.ndarray):
+        return (f"array({value.dtype}, {value.ndim}d, "
+                f"{'C' if value.flags.c_contiguous else 'A'})")
+    return type(value).__name__
+
+
+def _refusal(error, message, dtype):
+    """A compiled implementation that raises ``error(message)`` yet types
+    as returning a 1-D array of ``dtype``."""
+    def refuse(value):
+        if len(message) > 0:            # (a branch numba cannot prune)
+            raise error(message)
+        return np.empty(0, dtype)
+    return refuse
+
+
+@overload(_arena_bytes)
+def _arena_bytes_compiled(value):
+    if (isinstance(value, nb_types.Array) and value.dtype == nb_types.uint8
+            and value.ndim == 1 and value.layout == "C"):
+        return lambda value: value
+    return _refusal(ValueError, "arena must be a 1-D C-contiguous uint8 "
+                    f"array, got {value}", np.uint8)
+
+
+@overload(_block_ids)
+def _block_ids_compiled(value):
+    if (isinstance(value, nb_types.Array) and value.ndim == 1
+            and isinstance(value.dtype, nb_types.Integer)):
+        return lambda value: value
+    return _refusal(TypeError, "block ids must be a 1-D integer numpy "
+                    f"array, got {value}", np.int64)
 
 
 # -- the jitclass ------------------------------------------------------------
@@ -585,6 +675,7 @@ class MemoryPool:
         if arena is None:
             self.arena = np.zeros(n * block_size, np.uint8)
         else:
+            arena = _arena_bytes(arena)
             if arena.shape[0] < n * block_size:
                 raise ValueError("arena is smaller than the blocks it must hold")
             self.arena = arena[:n * block_size]
@@ -657,7 +748,7 @@ class MemoryPool:
     def allocate_n(self, out):
         """Take ``len(out)`` blocks into ``out``; return ``len(out)``, or 0
         (taking nothing) when fewer are free."""
-        return _allocate_n(self.meta, out)
+        return _allocate_n(self.meta, _block_ids(out))
 
     def allocate(self):
         """Take one block; return its id, or ``NO_BLOCK`` when none is free."""
@@ -666,7 +757,7 @@ class MemoryPool:
     def release_n(self, ids):
         """Return HELD blocks ``ids`` to the ring tail in order; return ``OK``,
         or an ``ERR_*`` code and free nothing."""
-        return _release_n(self.meta, ids)[1]
+        return _release_n(self.meta, _block_ids(ids))[1]
 
     def release(self, block):
         """Return one HELD block to the ring tail; ``OK`` or an ``ERR_*``
@@ -689,7 +780,7 @@ class MemoryPool:
 
     def deallocate_n(self, ids):
         """``release_n`` that raises ``ValueError`` naming the first bad id."""
-        bad, status = _release_n(self.meta, ids)
+        bad, status = _release_n(self.meta, _block_ids(ids))
         if status != OK:
             self._raise_for(status, ids[bad])
 
@@ -710,7 +801,7 @@ class MemoryPool:
         """One chain of ``counts[k]`` blocks per k, taken in pool order; return
         their heads, or an empty array (taking nothing) if any count < 1 or
         too few blocks are free. ``zero`` zeroes the blocks' bytes."""
-        return _alloc_chains(self.arena, self.meta, counts, zero)
+        return _alloc_chains(self.arena, self.meta, _block_ids(counts), zero)
 
     def alloc_chain(self, n, zero):
         """One chain of ``n`` blocks; its head, or ``NO_BLOCK``."""
@@ -721,7 +812,7 @@ class MemoryPool:
         in order; return all their ids in that order, or an empty array
         (freeing nothing) if any head does not start a chain that ends in
         ``NO_BLOCK``, or two share a block."""
-        return _free_chains(self.meta, heads)
+        return _free_chains(self.meta, _block_ids(heads))
 
     def free_chain(self, head, n):
         """Free one chain of ``n`` blocks to the ring tail, in chain order;
@@ -801,6 +892,8 @@ class _Kernels(dict):
     resolved on first use for the one signature the manager passes."""
 
     _ARENA, _META = uint8[::1], int64[::1]
+    # (a writable array passes as a read-only one: the kernel only reads it)
+    _READ_ONLY_BYTES = nb_types.Array(nb_types.uint8, 1, "C", readonly=True)
     SIGNATURES = {
         "alloc_chain": (_alloc_chain, (_ARENA, _META, int64, boolean)),
         "alloc_chains": (_alloc_chains, (_ARENA, _META, int64[::1], boolean)),
@@ -809,7 +902,7 @@ class _Kernels(dict):
         "resize_chain": (_resize_chain, (_ARENA, _META, int64, int64, int64,
                                          int64, boolean)),
         "write_chain": (_write_chain, (_ARENA, _META, int64, int64, int64,
-                                       uint8[::1])),
+                                       _READ_ONLY_BYTES)),
         "read_chain": (_read_chain, (_ARENA, _META, int64, int64, int64,
                                      uint8[::1])),
     }
@@ -959,41 +1052,6 @@ class PoolStats:
         return dataclasses.asdict(self)
 
 
-def _key_to_json(key):
-    """A JSON value for a savable key (CacheKey, str, int, bytes, tuples)."""
-    if isinstance(key, CacheKey):
-        return {"CacheKey": [key.name, key.id]}
-    if isinstance(key, str):
-        return {"str": key}
-    if isinstance(key, bytes):
-        return {"bytes": key.hex()}
-    if isinstance(key, int) and not isinstance(key, bool):
-        return {"int": int(key)}
-    if isinstance(key, tuple):
-        return {"tuple": [_key_to_json(k) for k in key]}
-    raise TypeError(f"key {key!r} of type {type(key).__name__} cannot be "
-                    "saved; savable keys are CacheKey, str, int, bytes and "
-                    "tuples of these")
-
-
-def _key_from_json(value):
-    """Inverse of ``_key_to_json``; ``ValueError`` on anything else."""
-    if isinstance(value, dict) and len(value) == 1:
-        (tag, v), = value.items()
-        if (tag == "CacheKey" and isinstance(v, list) and len(v) == 2
-                and isinstance(v[0], str) and type(v[1]) is int):
-            return CacheKey(v[0], v[1])
-        if tag == "str" and isinstance(v, str):
-            return v
-        if tag == "bytes" and isinstance(v, str):
-            return bytes.fromhex(v)
-        if tag == "int" and type(v) is int:
-            return v
-        if tag == "tuple" and isinstance(v, list):
-            return tuple(_key_from_json(k) for k in v)
-    raise ValueError(f"malformed key in snapshot: {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class EvictionReport:
     """What one removal did: delivered to eviction listeners."""
@@ -1008,12 +1066,14 @@ class EvictionReport:
     timestamp: float             # time.monotonic() at the removal
 
     def to_dict(self):
-        """Plain JSON-serializable values (a CacheKey becomes a small dict)."""
-        key = self.key
-        if isinstance(key, CacheKey):
-            key = {"name": key.name, "id": key.id}
-        elif not isinstance(key, (str, int, float, bool, type(None))):
-            key = repr(key)
+        """Plain JSON-serializable values. The key takes the form a snapshot
+        file gives it (``{"CacheKey": ["seq", 7]}``, ``{"str": "a"}``, ...;
+        see ``_key_to_json``), or ``{"repr": repr(key)}`` for a key that
+        cannot be saved."""
+        try:
+            key = _key_to_json(self.key)
+        except TypeError:
+            key = {"repr": repr(self.key)}
         return {
             "key": key, "reason": self.reason, "size": self.size,
             "blocks": list(self.blocks), "blocks_freed": self.blocks_freed,
@@ -1039,9 +1099,21 @@ def _as_int(value, name):
                         f"{type(value).__name__}") from None
 
 
+def _refuse_unhashable(keys):
+    """Raise ``TypeError`` naming the first of ``keys`` that cannot be hashed.
+    The one place that words this error: a dict lookup that raised
+    ``TypeError`` calls it, then re-raises the original when every key
+    hashes (the error came from comparing a key, and says so itself)."""
+    for key in keys:
+        try:
+            hash(key)
+        except TypeError:
+            raise TypeError(f"key {key!r} is not hashable") from None
+
+
 def _as_bytes(data):
-    """The raw bytes of ``data`` as a contiguous, writable 1-D ``uint8`` array
-    (a copy only when ``data`` is non-contiguous or read-only)."""
+    """The raw bytes of ``data`` as a contiguous 1-D ``uint8`` array, read-only
+    or not (a copy only when ``data`` is not C-contiguous)."""
     if isinstance(data, np.ndarray):
         arr = np.asarray(data)  # a plain ndarray: subclasses keep their shape
     elif isinstance(data, (bytes, bytearray)):
@@ -1054,8 +1126,7 @@ def _as_bytes(data):
     if arr.dtype.hasobject:
         raise TypeError(f"cannot write an array of dtype {arr.dtype}: it holds "
                         "Python objects, not bytes")
-    flags = arr.flags
-    if not (flags.c_contiguous and flags.writeable):
+    if not arr.flags.c_contiguous:
         arr = arr.copy()        # one compiled signature serves every input
     if arr.ndim != 1:
         arr = arr.reshape(-1)
@@ -1079,9 +1150,173 @@ def _as_arena(buffer, total_size):
     return buffer.view(np.ndarray).reshape(-1)
 
 
+# -- persistence: keys as JSON, the snapshot file -----------------------------
+
+_INT64_MIN, _INT64_END = -(1 << 63), 1 << 63
+_HEX_INT = re.compile(r"-?0x[0-9a-f]+")
+
+
+def _int_to_json(value):
+    """An int as JSON: a number when it fits in 64 bits, else a hex string
+    such as ``"-0x1f"`` (Python refuses decimal conversions of more than
+    about 4,300 digits, in both directions; base 16 has no such limit)."""
+    return value if _INT64_MIN <= value < _INT64_END else hex(value)
+
+
+def _int_from_json(value):
+    """Inverse of ``_int_to_json`` (either form); None for anything else."""
+    if type(value) is int:
+        return value
+    if type(value) is str and _HEX_INT.fullmatch(value):
+        return int(value, 16)
+    return None
+
+
+def _key_to_json(key):
+    """The one JSON form of a savable key, used by snapshot files and by
+    ``EvictionReport.to_dict``: ``{"CacheKey": [name, id]}``, ``{"str": s}``,
+    ``{"bytes": hex}``, ``{"int": n}`` or ``{"tuple": [...]}``, ints as
+    ``_int_to_json`` writes them. Exactly these types: a subclass (a
+    ``CacheKey`` subclass, an ``IntEnum``, a namedtuple) would load as its
+    base type, a different key, so it is refused with ``TypeError``."""
+    kind = type(key)
+    if kind is CacheKey and type(key.name) is str and type(key.id) is int:
+        return {"CacheKey": [key.name, _int_to_json(key.id)]}
+    if kind is str:
+        return {"str": key}
+    if kind is bytes:
+        return {"bytes": key.hex()}
+    if kind is int:
+        return {"int": _int_to_json(key)}
+    if kind is tuple:
+        return {"tuple": [_key_to_json(k) for k in key]}
+    for base in (CacheKey, str, bytes, int, tuple):
+        if isinstance(key, base) and not isinstance(key, bool):
+            raise TypeError(
+                f"key {key!r} of type {kind.__name__} (a subclass of "
+                f"{base.__name__}, or holding one) cannot be saved: it would "
+                f"load as a plain {base.__name__}, a different key")
+    raise TypeError(f"key {key!r} of type {kind.__name__} cannot be saved; "
+                    "savable keys are CacheKey, str, int, bytes and tuples "
+                    "of these (exactly these types)")
+
+
+def _key_from_json(value):
+    """Inverse of ``_key_to_json``; ``ValueError`` on anything else."""
+    if type(value) is dict and len(value) == 1:
+        (tag, v), = value.items()
+        if tag == "CacheKey" and type(v) is list and len(v) == 2:
+            name, id_ = v[0], _int_from_json(v[1])
+            if type(name) is str and id_ is not None:
+                return CacheKey(name, id_)
+        if tag == "str" and type(v) is str:
+            return v
+        if tag == "bytes" and type(v) is str:
+            return bytes.fromhex(v)
+        if tag == "int" and _int_from_json(v) is not None:
+            return _int_from_json(v)
+        if tag == "tuple" and type(v) is list:
+            return tuple(_key_from_json(k) for k in v)
+    raise ValueError(f"malformed key in snapshot: {value!r}")
+
+
+def _write_snapshot(path, meta, arrays, keys):
+    """Write ``meta`` (with the keys' JSON) and ``arrays`` to one ``.npz``
+    at ``path`` (a str), atomically: a temporary file in the same directory,
+    renamed into place. ``TypeError``, and nothing written, for a key that
+    cannot be saved."""
+    meta = dict(meta, keys=[_key_to_json(k) for k in keys])
+    arrays = dict(arrays, meta=np.frombuffer(json.dumps(meta).encode(),
+                                             np.uint8))
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=".kvpool-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                # mkstemp's 0600 is for secrets
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_snapshot(path):
+    """(meta, arrays, keys) from a file ``_write_snapshot`` wrote at ``path``
+    (a str). Never unpickles. Each array is read once into a new array of
+    its own (the arena is then adopted by the manager, not copied);
+    ``ValueError`` for a file that is not such a snapshot."""
+    with open(path, "rb") as f:
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+            meta = json.loads(arrays.pop("meta").tobytes())
+            keys = [_key_from_json(k) for k in meta.pop("keys")]
+        except Exception as exc:                # noqa: BLE001 - reworded
+            raise ValueError(f"{path!r} is not a readable kvpool snapshot: "
+                             f"{exc}") from None
+    return meta, arrays, keys
+
+
 # -- the manager -------------------------------------------------------------
 
 _N_BLOCKS = operator.attrgetter("n_blocks")
+
+
+class _CacheView(collections.abc.Mapping):
+    """``m.cache``: see that property. Iteration copies the keys (or items)
+    under the manager's lock, as ``iter(m)`` does."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, manager):
+        self._m = manager
+
+    def __getitem__(self, key):
+        entry = self._m.peek(key)
+        if entry is None:
+            raise KeyError(f"no live entry for key {key!r}")
+        return entry
+
+    def __contains__(self, key):
+        return key in self._m
+
+    def __len__(self):
+        return len(self._m._cache)
+
+    def __iter__(self):
+        return iter(self._m)
+
+    def _items(self):
+        with self._m._lock:
+            return list(self._m._cache.items())
+
+    def items(self):
+        return _SnapshotItems(self)
+
+    def values(self):
+        return _SnapshotValues(self)
+
+    def __repr__(self):
+        return f"<cache view of {self._m!r}>"
+
+
+class _SnapshotItems(collections.abc.ItemsView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return iter(self._mapping._items())
+
+
+class _SnapshotValues(collections.abc.ValuesView):
+    __slots__ = ()
+
+    def __iter__(self):
+        return (entry for _, entry in self._mapping._items())
 
 
 class KVCacheManager:
@@ -1101,9 +1336,15 @@ class KVCacheManager:
     Persistence: ``save``, ``load``, pickle and deepcopy.
     Audit: ``check_invariants``.
 
-    Every public operation holds one lock, so a manager may be shared between
-    threads; the pool itself, driven from compiled code, is the caller's to
-    guard. The per-entry hot paths (``allocate_entry``, ``resize_entry``,
+    Every public operation that reads or changes entries, counters or bytes
+    holds one lock, so a manager may be shared between threads. These take
+    none: ``len`` and ``in`` (one read of the dict each), ``block_view`` (a
+    view of the arena, no entry involved), the properties ``eviction``,
+    ``block_size``, ``zero_on_alloc`` and ``cache`` (the view's lookups and
+    iteration do lock), ``load`` (a manager no one else has yet), and
+    ``m.pool`` itself, which, driven directly or from compiled code, is the
+    caller's to guard. Arguments are converted before the lock is taken.
+    Eviction listeners run after it is released. The per-entry hot paths (``allocate_entry``, ``resize_entry``,
     ``remove_cache_entry``, ``get``, ``m[key]``) take it with ``acquire`` and
     ``try``/``finally`` instead of ``with``: about 90 ns less per call.
     Every argument is checked before anything changes: a bad call raises and
@@ -1145,6 +1386,10 @@ class KVCacheManager:
         self._lock = threading.RLock()
         self._listeners = [] if on_evict is None else [on_evict]
         self._reset_counters()
+        # The seed design's cross-check: a count kept apart from len(cache)
+        # so that the O(1) asserts after each mutation (active_entries ==
+        # len(cache)) and check_invariants have two independent counts to
+        # compare. Stats read it; nothing else depends on it.
         self._active_entries = 0
         self._used_memory = 0
         self._pinned_entries = 0
@@ -1171,20 +1416,22 @@ class KVCacheManager:
 
     def _get(self, key):
         """The live entry for ``key`` or None; ``TypeError`` naming an
-        unhashable key (the one place that translates it: hot paths look the
-        key up themselves and come here only when that raised)."""
+        unhashable key."""
         try:
             return self._cache.get(key)
         except TypeError:
-            raise TypeError(f"key {key!r} is not hashable") from None
+            _refuse_unhashable((key,))
+            raise
 
     def _entry(self, key):
         """The live entry for ``key``; ``KeyError`` naming it if absent."""
         try:
             return self._cache[key]
-        except (KeyError, TypeError):
+        except KeyError:
             pass
-        self._get(key)                  # raises for an unhashable key
+        except TypeError:
+            _refuse_unhashable((key,))
+            raise
         raise KeyError(f"no live entry for key {key!r}")
 
     def _blocks_for_all(self, sizes):
@@ -1196,6 +1443,9 @@ class KVCacheManager:
             items = np.asarray(sizes).reshape(-1)
             if items.dtype.kind in "iu":
                 flat = items
+            elif items.dtype.kind != "O":   # tolist() makes ints of some
+                raise TypeError(f"sizes must be integers, got an array of "
+                                f"dtype {items.dtype}")
         else:
             items = list(sizes)
             if list(map(type, items)).count(int) == len(items):  # no bools
@@ -1221,8 +1471,7 @@ class KVCacheManager:
         try:
             fresh = set(keys)
         except TypeError:
-            for key in keys:
-                self._check_new_key(key)       # raises for the unhashable one
+            _refuse_unhashable(keys)
             raise
         if len(fresh) != len(keys):
             seen = set()
@@ -1239,7 +1488,8 @@ class KVCacheManager:
             if key not in self._cache:
                 return
         except TypeError:
-            self._get(key)              # raises, naming the unhashable key
+            _refuse_unhashable((key,))
+            raise
         raise KeyError(f"key {key!r} is already live; remove or resize "
                        "its entry instead")
 
@@ -1377,7 +1627,8 @@ class KVCacheManager:
             try:
                 entry = self._cache.get(key)
             except TypeError:
-                entry = self._get(key)          # raises, naming the key
+                _refuse_unhashable((key,))
+                raise
             if entry is None:
                 return None
             reports = self._release((entry,), "manual")
@@ -1389,24 +1640,28 @@ class KVCacheManager:
 
     def remove_cache_entries(self, keys):
         """Remove many entries in one compiled call; a list of the removed
-        entries, None where a key was absent (as one by one, in order)."""
+        entries, None where a key was absent or its entry was already named
+        earlier in ``keys`` (as one by one, in order)."""
         with self._lock:
             keys = list(keys)
             try:
                 result = list(map(self._cache.get, keys))
-                repeats = len(set(keys)) != len(keys)
             except TypeError:
-                for key in keys:
-                    self._get(key)          # raises for the unhashable one
+                _refuse_unhashable(keys)
                 raise
-            if repeats:                     # a repeat finds its entry gone
+            found = [e for e in result if e is not None]
+            if len(set(map(id, found))) != len(found):
+                # A repeat, by entry rather than by key (two keys that are
+                # not equal may both equal the stored one): it finds its
+                # entry gone, as one by one.
                 seen = set()
-                for i, key in enumerate(keys):
-                    if key in seen:
-                        result[i] = None
-                    seen.add(key)
-            reports = self._release([e for e in result if e is not None],
-                                    "manual")
+                for i, entry in enumerate(result):
+                    if entry is not None:
+                        if id(entry) in seen:
+                            result[i] = None
+                        seen.add(id(entry))
+                found = [e for e in result if e is not None]
+            reports = self._release(found, "manual")
         if reports:
             self._deliver(reports)
         return result
@@ -1532,7 +1787,8 @@ class KVCacheManager:
         try:
             entry = self._cache.get(key)
         except TypeError:
-            entry = self._get(key)      # raises, naming the key
+            _refuse_unhashable((key,))
+            raise
         if entry is None:
             self._misses += 1
         else:
@@ -1571,7 +1827,8 @@ class KVCacheManager:
         try:
             return key in self._cache
         except TypeError:
-            return self._get(key) is not None   # raises, naming the key
+            _refuse_unhashable((key,))
+            raise
 
     def __len__(self):
         return len(self._cache)
@@ -1583,8 +1840,13 @@ class KVCacheManager:
 
     @property
     def cache(self):
-        """A read-only view of the key -> entry mapping, LRU order."""
-        return types.MappingProxyType(self._cache)
+        """A read-only view of the key -> entry mapping, least to most
+        recently used. Lookups through it are ``peek``s (no recency change,
+        no hit or miss) and it sees every later change; iterating it, or its
+        ``keys()``, ``values()`` or ``items()``, walks a snapshot taken when
+        the loop starts, so the loop may call ``m[k]``, ``get``, ``read`` or
+        remove entries (a key removed meanwhile is still yielded)."""
+        return _CacheView(self)
 
     @property
     def pool(self):
@@ -1638,40 +1900,57 @@ class KVCacheManager:
 
     # bytes -----------------------------------------------------------------------
 
-    def _span(self, entry, offset, nbytes):
-        offset = _as_int(offset, "offset")
+    @staticmethod
+    def _span(entry, offset, nbytes):
+        """Refuse ``nbytes`` at ``offset`` (ints) unless they fit the entry."""
         if offset < 0 or offset + nbytes > entry.size:
             raise ValueError(f"{nbytes} bytes at offset {offset} do not fit in "
                              f"the entry of {entry.size} bytes")
-        return offset
 
     def write(self, key, data, offset=0):
         """Copy the raw bytes of ``data`` into the entry from byte ``offset``,
         across block boundaries, in one compiled call; ``ValueError`` (and
         nothing written) if they would not fit. The entry becomes most
         recently used."""
+        raw = _as_bytes(data)
+        offset = _as_int(offset, "offset")
         with self._lock:
             entry = self._entry(key)
-            raw = _as_bytes(data)
-            offset = self._span(entry, offset, raw.shape[0])
+            self._span(entry, offset, raw.shape[0])
             status = _K["write_chain"](self._arena, self._meta, entry.block,
                                        entry.n_blocks, offset, raw)
             assert status == OK, f"write_chain failed with status {status}"
             self._cache.move_to_end(key)
 
-    def read(self, key, dtype=np.uint8, offset=0, count=-1):
+    def read(self, key, dtype=np.uint8, offset=0, count=-1, *, out=None):
         """A new array of ``count`` items of ``dtype`` (all the rest of the
         entry when -1) read from byte ``offset``, in one compiled call. The
-        entry becomes most recently used."""
+        entry becomes most recently used.
+
+        With ``out`` the items go there instead and ``out`` is returned, with
+        no allocation: a writable, C-contiguous numpy array of ``dtype``, of
+        any shape, holding exactly the items read, and not a view of the
+        arena (checked, like every argument, before anything changes).
+        A subarray dtype such as ``("f4", (2,))`` is refused: read its base
+        dtype and reshape.
+        """
+        if dtype is None:
+            raise TypeError("dtype must be given, not None")
+        dtype = _UINT8 if dtype is np.uint8 else np.dtype(dtype)
+        if dtype.hasobject or dtype.itemsize == 0:
+            raise TypeError(f"cannot read items of dtype {dtype}")
+        if dtype.subdtype is not None:
+            raise TypeError(f"cannot read items of the subarray dtype {dtype}: "
+                            f"read {dtype.base} and reshape to "
+                            f"(-1, {', '.join(map(str, dtype.shape))})")
+        offset = _as_int(offset, "offset")
+        count = _as_int(count, "count")
+        if count < -1:
+            raise ValueError(f"count must be -1 or >= 0, got {count}")
+        if out is not None:
+            into = self._out_bytes(out, dtype)
         with self._lock:
             entry = self._entry(key)
-            if dtype is None:
-                raise TypeError("dtype must be given, not None")
-            dtype = _UINT8 if dtype is np.uint8 else np.dtype(dtype)
-            if dtype.hasobject or dtype.itemsize == 0:
-                raise TypeError(f"cannot read items of dtype {dtype}")
-            offset = _as_int(offset, "offset")
-            count = _as_int(count, "count")
             if not 0 <= offset <= entry.size:
                 raise ValueError(f"offset {offset} is outside the entry of "
                                  f"{entry.size} bytes")
@@ -1681,17 +1960,39 @@ class KVCacheManager:
                     raise ValueError(f"{nbytes} bytes from offset {offset} do "
                                      f"not divide into items of {dtype} "
                                      f"({dtype.itemsize} bytes)")
-            elif count < 0:
-                raise ValueError(f"count must be -1 or >= 0, got {count}")
             else:
                 nbytes = count * dtype.itemsize
-            offset = self._span(entry, offset, nbytes)
-            out = np.empty(nbytes, np.uint8)
+            self._span(entry, offset, nbytes)
+            if out is None:
+                into = np.empty(nbytes, np.uint8)
+            elif into.shape[0] != nbytes:
+                raise ValueError(f"out holds {out.size} items of {dtype}, but "
+                                 f"{nbytes // dtype.itemsize} are read")
             status = _K["read_chain"](self._arena, self._meta, entry.block,
-                                      entry.n_blocks, offset, out)
+                                      entry.n_blocks, offset, into)
             assert status == OK, f"read_chain failed with status {status}"
             self._cache.move_to_end(key)
-            return out if dtype is _UINT8 else out.view(dtype)
+        if out is not None:
+            return out
+        return into if dtype is _UINT8 else into.view(dtype)
+
+    def _out_bytes(self, out, dtype):
+        """The bytes of ``read``'s ``out`` as a flat ``uint8`` view, or the
+        error naming what is wrong with it."""
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy array, got "
+                            f"{type(out).__name__}")
+        if out.dtype != dtype:
+            raise TypeError(f"out has dtype {out.dtype} but the items read are "
+                            f"{dtype}: pass dtype=out.dtype")
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        if not out.flags.writeable:
+            raise ValueError("out must be writable")
+        if np.may_share_memory(out, self._arena):
+            raise ValueError("out is a view of the arena: read into an array "
+                             "of your own (or use views())")
+        return out.view(np.ndarray).reshape(-1).view(np.uint8)
 
     def block_view(self, block):
         """A zero-copy ``uint8`` view of one block of the arena."""
@@ -1800,22 +2101,31 @@ class KVCacheManager:
     @classmethod
     def _from_state(cls, meta, arrays, keys):
         """A new manager from ``_state()``'s parts; ``ValueError`` (and no
-        manager) unless they describe a consistent one."""
+        manager) unless they describe a consistent one. It adopts
+        ``arrays["arena"]`` as its arena, without a copy when that is a
+        writable, C-contiguous ``uint8`` array: callers pass arrays of their
+        own (``load`` the ones it read, pickle the unpickled ones). Every
+        number is checked in Python before the compiled pool sees it."""
         try:
             if meta.get("format") != FORMAT_VERSION:
                 raise ValueError(f"snapshot format {meta.get('format')!r} is not "
                                  f"the supported version {FORMAT_VERSION}")
             bs, nb = meta["block_size"], meta["total_blocks"]
+            arena = arrays["arena"]
             if (type(bs) is not int or type(nb) is not int or bs <= 0 or nb <= 0
-                    or arrays["arena"].shape != (bs * nb,)):
+                    or arena.shape != (bs * nb,)):
                 raise ValueError(f"block_size={bs!r} and total_blocks={nb!r} "
-                                 f"do not match an arena of shape "
-                                 f"{arrays['arena'].shape}")
+                                 f"do not match an arena of shape {arena.shape}")
+            if arena.dtype != np.uint8:
+                raise ValueError(f"array 'arena' has dtype {arena.dtype}, "
+                                 "expected uint8")
+            if not (arena.flags.c_contiguous and arena.flags.writeable):
+                arena = arena.copy()
             m = cls(bs * nb, bs, eviction=meta["eviction"],
-                    zero_on_alloc=meta["zero_on_alloc"])
+                    zero_on_alloc=meta["zero_on_alloc"], buffer=arena)
             pool = m._pool
-            for name, target in (("arena", m._arena), ("ring", pool.ring),
-                                 ("state", pool.state), ("link", pool.link)):
+            for name, target in (("ring", pool.ring), ("state", pool.state),
+                                 ("link", pool.link)):
                 src = arrays[name]
                 if src.shape != target.shape or src.dtype != target.dtype:
                     raise ValueError(f"array {name!r} has shape {src.shape} and "
@@ -1823,19 +2133,30 @@ class KVCacheManager:
                                      f"{target.shape} and {target.dtype}")
                 target[...] = src
             for name in ("head", "count", "bump", "peak_used"):
-                if type(meta[name]) is not int:
-                    raise ValueError(f"counter {name!r} is {meta[name]!r}")
-                setattr(pool, name, meta[name])
-            for name, kinds in (("sizes", "iu"), ("heads", "iu"),
-                                ("n_blocks", "iu"), ("pinned", "b")):
-                if arrays[name].ndim != 1 or arrays[name].dtype.kind not in kinds:
-                    raise ValueError(f"column {name!r} has dtype "
-                                     f"{arrays[name].dtype} and shape "
-                                     f"{arrays[name].shape}")
-            columns = [arrays[n].tolist() for n in ("sizes", "heads", "n_blocks",
-                                                    "pinned")]
-            if any(len(c) != len(keys) for c in columns):
-                raise ValueError("entry columns differ in length from the keys")
+                value = meta[name]
+                if type(value) is not int or not (
+                        _INT64_MIN <= value < _INT64_END):   # range: audited
+                    raise ValueError(f"counter {name!r} is {value!r}, not a "
+                                     "64-bit int")
+                setattr(pool, name, value)
+            columns = []
+            for name, kinds, lo, hi in (("sizes", "iu", 1, bs * nb),
+                                        ("heads", "iu", 0, nb - 1),
+                                        ("n_blocks", "iu", 1, nb),
+                                        ("pinned", "b", False, True)):
+                column = arrays[name]
+                if column.ndim != 1 or column.dtype.kind not in kinds:
+                    raise ValueError(f"column {name!r} has dtype {column.dtype} "
+                                     f"and shape {column.shape}")
+                column = column.tolist()
+                if len(column) != len(keys):
+                    raise ValueError(f"column {name!r} holds {len(column)} "
+                                     f"values for {len(keys)} keys")
+                for value in column:
+                    if not lo <= value <= hi:
+                        raise ValueError(f"column {name!r} holds {value}, not "
+                                         f"within [{lo}, {hi}]")
+                columns.append(column)
             counters = [meta["allocations"], meta["hits"], meta["misses"]]
             counters += [meta["evictions"][r] for r in REASONS]
             if any(type(c) is not int or c < 0 for c in counters):
@@ -1843,10 +2164,10 @@ class KVCacheManager:
                                  "non-negative ints")
             for key, size, head, n, pinned in zip(keys, *columns):
                 entry = KVPoolEntry(key, size, head, n, pool)
-                entry.pinned = bool(pinned)
+                entry.pinned = pinned
                 m._cache[key] = entry
                 m._used_memory += size
-                m._pinned_entries += entry.pinned
+                m._pinned_entries += pinned
             m._active_entries = len(m._cache)
             m._allocations = meta["allocations"]
             m._evictions = {r: meta["evictions"][r] for r in REASONS}
@@ -1863,47 +2184,23 @@ class KVCacheManager:
         return m
 
     def save(self, path):
-        """Write the whole manager to one ``.npz`` file at ``path``, atomically:
-        a temporary file in the same directory, renamed into place. Keys must
-        be CacheKey, str, int, bytes or tuples of these (``TypeError``, and
+        """Write the whole manager to one ``.npz`` file at ``path`` (str,
+        bytes or path-like), atomically: a temporary file in the same
+        directory, renamed into place. Keys must be CacheKey, str, int,
+        bytes or tuples of these, exactly these types (``TypeError``, and
         nothing written, otherwise)."""
+        path = os.fsdecode(path)
         with self._lock:
-            meta, arrays, keys = self._state()
-            meta["keys"] = [_key_to_json(k) for k in keys]
-            arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-            path = os.fspath(path)
-            fd, tmp = tempfile.mkstemp(
-                dir=os.path.dirname(os.path.abspath(path)), prefix=".kvpool-",
-                suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **arrays)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o644)            # mkstemp's 0600 is for secrets
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            _write_snapshot(path, *self._state())
 
     @classmethod
     def load(cls, path):
-        """The manager saved at ``path``: same entries, bytes, stats and
-        future block ids. Never unpickles; a truncated, corrupt, foreign or
-        incompatible file raises ``ValueError``."""
-        with open(path, "rb") as f:
-            try:
-                with np.load(f, allow_pickle=False) as z:
-                    arrays = {name: z[name] for name in z.files}
-                meta = json.loads(arrays.pop("meta").tobytes())
-                keys = [_key_from_json(k) for k in meta.pop("keys")]
-            except Exception as exc:                # noqa: BLE001 - reworded
-                raise ValueError(f"{os.fspath(path)!r} is not a readable kvpool "
-                                 f"snapshot: {exc}") from None
-        return cls._from_state(meta, arrays, keys)
+        """The manager saved at ``path`` (str, bytes or path-like): same
+        entries, bytes, stats and future block ids. Never unpickles; a
+        truncated, corrupt, foreign or incompatible file raises
+        ``ValueError``. The file's arena becomes the manager's: one arena
+        in memory, not two."""
+        return cls._from_state(*_read_snapshot(os.fsdecode(path)))
 
     def __getstate__(self):
         """Pickling and deepcopy carry everything ``save`` does, with any
@@ -1962,6 +2259,12 @@ class KVCacheManager:
 
 PREEMPT_POLICIES = ("none", "newest")
 R_GEN, R_ADDED, R_MARK = 0, 1, 2     # columns of the per-row int64 array
+# A batch crossing into a kernel is one int64 array [3, B]: its rows of the
+# block table, their generations (-1: sequence ids, checked for repeats
+# instead) and room for the slots ``append`` hands out.
+B_ROW, B_GEN, B_OUT = 0, 1, 2
+_INFO = 4             # status words at the head of ``info``; then the
+                      # (row, length) pairs that ``append`` preempted
 
 # Status codes of the paged kernels (info[0] etc. carry the details).
 _S_BAD_ROW = -20      # info[0]: index of a row that is not live (stale handle)
@@ -1996,13 +2299,14 @@ def _f32_compiled(x, lut):
 
 
 @njit(cache=True)
-def _check_rows(lens, rowinfo, rows, gens, info):
-    """Check a batch of rows: each live and, when ``gens`` is given (a
+def _check_rows(lens, rowinfo, batch, info):
+    """Check a batch of rows: each live and, when generations are given (a
     ``SeqRows``, whose rows are distinct by construction), of that
     generation; else no row twice (found by marking, then unmarked). On
     failure ``info[0]`` is the bad index. Leaves nothing marked."""
+    rows, gens = batch[B_ROW], batch[B_GEN]
     n = rows.shape[0]
-    check_gen = gens.shape[0] == n
+    check_gen = n > 0 and gens[0] >= 0
     status = OK
     done = n
     for i in range(n):
@@ -2349,24 +2653,29 @@ def _append_need(tables, lens, rowinfo, px, blk, bt, rows, scratch):
 
 
 @njit(cache=True)
-def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
-                  rows, gens, tokens, preempt, out, pre, info):
+def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
+                  tokens, preempt, info):
     """One token per row: reserve its slot (a new block when the last is
-    full, a copy when it is shared) into ``out``. Short of blocks:
-    ``_S_NO_SPACE``, or with ``preempt`` free the newest sequences (``pre``:
-    row, length, blocks freed; ``info[2]``: how many) until the rest fit; a
-    preempted row's slot is -1. Blocks that fill become findable."""
+    full, a copy when it is shared) into ``batch[B_OUT]``. Short of blocks:
+    ``_S_NO_SPACE``, or with ``preempt`` free the newest sequences
+    (``info[_INFO:]``: row, length, blocks freed; ``info[2]``: how many)
+    until the rest fit; a preempted row's slot is -1. Blocks that fill
+    become findable."""
+    state = _state_of(meta)
+    rows, out, pre = batch[B_ROW], batch[B_OUT], info[_INFO:]
     n = rows.shape[0]
-    status = _check_rows(lens, rowinfo, rows, gens, info)
+    info[2] = 0
+    status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status
     for i in range(n):
         L = lens[rows[i]]
+        col = L // bt
         if tokens[i] < 0:
             info[0] = i
             return _S_BAD_TOKEN
-        if L % bt == 0 and L // bt >= tables.shape[1]:
-            info[0] = L // bt + 1
+        if L == col * bt and col >= tables.shape[1]:
+            info[0] = col + 1
             return _S_GROW
     ring, link, ctr = _parts(state, meta)
     parts = _px_parts(px)
@@ -2433,13 +2742,14 @@ def _paged_append(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
 
 
 @njit(cache=True)
-def _paged_extend(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
-                  row, tokens, stamp, out, info):
+def _paged_extend(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, row,
+                  tokens, stamp, out, info):
     """Append ``tokens`` to one row, slots into ``out``; with ``stamp >= 0``
     the row is free and becomes a new sequence added at ``stamp``, sharing
     the longest verified run of cached blocks (prefix caching on; the
     tokens it covers in ``info[3]``). A shared partial last block is copied
     first. Blocks that fill become findable."""
+    state = _state_of(meta)
     n = tokens.shape[0]
     for i in range(n):
         if tokens[i] < 0:
@@ -2511,15 +2821,17 @@ def _paged_extend(tables, lens, fill, tok, rowinfo, state, meta, px, arena, bt,
 
 
 @njit(cache=True)
-def _paged_remove(tables, lens, fill, rowinfo, state, meta, px, bt, rows, freed,
-                  info):
-    """Free whole rows, in order (blocks freed per row into ``freed``);
+def _paged_remove(tables, lens, fill, rowinfo, meta, px, bt, batch, info):
+    """Free whole rows, in order (blocks freed per row into ``batch[B_OUT]``);
     ``OK`` or a status, freeing nothing."""
-    status = _check_rows(lens, rowinfo, rows, rows[:0], info)
+    status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status
+    state = _state_of(meta)
+    rows = batch[B_ROW]
     for i in range(rows.shape[0]):
-        freed[i] = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, rows[i])
+        batch[B_OUT, i] = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt,
+                                       rows[i])
     return OK
 
 
@@ -2568,23 +2880,25 @@ def _paged_swap(tables, lens, rowinfo, pairs):
 
 
 @njit(cache=True)
-def _paged_width(lens, rowinfo, bt, rows, gens, info):
+def _paged_width(lens, rowinfo, bt, batch, info):
     """The most blocks any of the rows holds, or a (negative) status."""
-    status = _check_rows(lens, rowinfo, rows, gens, info)
+    status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status
-    width = 0
+    rows = batch[B_ROW]
+    longest = 0
     for i in range(rows.shape[0]):
-        width = max(width, (lens[rows[i]] + bt - 1) // bt)
-    return width
+        longest = max(longest, lens[rows[i]])
+    return (longest + bt - 1) // bt
 
 
 @njit(cache=True)
-def _paged_table(tables, lens, rowinfo, bt, rows, info):
+def _paged_table(tables, lens, rowinfo, bt, batch, info):
     """(status, table, lens): copies of the rows' tables, padded with -1,
     and their lengths."""
+    rows = batch[B_ROW]
     n = rows.shape[0]
-    width = _paged_width(lens, rowinfo, bt, rows, rows[:0], info)
+    width = _paged_width(lens, rowinfo, bt, batch, info)
     if width < 0:
         return width, np.empty((0, 0), np.int32), np.empty(0, np.int32)
     table = np.full((n, width), NO_BLOCK, np.int32)
@@ -2598,32 +2912,49 @@ def _paged_table(tables, lens, rowinfo, bt, rows, info):
 
 
 @njit(cache=True)
-def _paged_store(kv, fill, state, bt, layers, layer, slots, k, v, info):
+def _paged_store(kv, fill, meta, bt, layers, layer, slots, k, v, info):
     """Write rows of ``k`` and ``v`` (``[T, kv_heads * head_dim]``, the
-    cache's element type) at ``slots`` of ``layer``; checked first."""
+    cache's element type) at ``slots`` of ``layer``; checked first. A run of
+    consecutive slots within a block is one contiguous copy each for K and
+    V (a slot given twice: its last row wins, as in order)."""
+    state = _state_of(meta)
     nblk = state.shape[0]
+    T = slots.shape[0]
     e = k.shape[1]
-    for i in range(slots.shape[0]):
+    for i in range(T):
         s = slots[i]
         b = s // bt
         if s < 0 or b >= nblk or state[b] != HELD or s - b * bt >= fill[b]:
             info[0] = i
             return _S_BAD_SLOT
-    for i in range(slots.shape[0]):
-        b = slots[i] // bt
-        lo = (((b * layers + layer) * 2) * bt + slots[i] - b * bt) * e
-        kv[lo:lo + e] = k[i]
-        kv[lo + bt * e:lo + bt * e + e] = v[i]
+    kf, vf = k.reshape(T * e), v.reshape(T * e)
+    i = 0
+    while i < T:
+        s = slots[i]
+        b = s // bt
+        m = 1                              # the run: slots s .. s + m - 1
+        end = (b + 1) * bt
+        while i + m < T and slots[i + m] == s + m and s + m < end:
+            m += 1
+        lo = (((b * layers + layer) * 2) * bt + s - b * bt) * e
+        ks, vs = kf[i * e:(i + m) * e], vf[i * e:(i + m) * e]
+        kd, vd = kv[lo:lo + m * e], kv[lo + bt * e:lo + (bt + m) * e]
+        for j in range(ks.shape[0]):       # views: the loops vectorize
+            kd[j] = ks[j]
+        for j in range(vs.shape[0]):
+            vd[j] = vs[j]
+        i += m
     return OK
 
 
 @njit(cache=True)
-def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, rows,
-                  gens, info):
+def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, batch,
+                  info):
     """(status, k, v, lens): the rows' K and V of ``layer`` as
     ``[B, longest, e]`` copies, zero-padded, and their lengths."""
+    rows = batch[B_ROW]
     n = rows.shape[0]
-    status = _check_rows(lens, rowinfo, rows, gens, info)
+    status = _check_rows(lens, rowinfo, batch, info)
     width = 0
     if status == OK:
         for i in range(n):
@@ -2646,14 +2977,15 @@ def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, rows,
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
 def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
-                     q, rows, gens, qlens, scale, info):
+                     q, batch, qlens, scale, info):
     """(status, out): causal attention of ``q`` (float32 ``[T, q_heads,
     head_dim]``, ``qlens[i]`` queries per row, each row's last tokens) over
     the rows' stored K and V; float32 throughout, softmax per query."""
+    rows = batch[B_ROW]
     n = rows.shape[0]
     T, qh, hd = q.shape[0], q.shape[1], q.shape[2]
     out = np.zeros((T, qh, hd), np.float32)
-    status = _check_rows(lens, rowinfo, rows, gens, info)
+    status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status, out
     total = 0
@@ -2792,16 +3124,17 @@ class SeqRows:
     """A batch of sequences placed in rows 0..B-1 of a paged cache's block
     table, made by ``PagedKVCache.rows(seqs)``. ``append``, ``block_table``,
     ``attention``, ``gather`` and ``blocks_needed`` take it in place of the
-    sequence ids and then do no lookups; ``block_table`` returns views.
+    sequence ids and then do no lookups or allocations: ``block_table``
+    returns views of the cache's table, and ``append`` returns the handle's
+    own slot array, overwritten by its next ``append``.
     A handle goes stale (``KeyError`` when used) once one of its sequences
     is removed, preempted or moved by a later ``rows`` call."""
 
-    __slots__ = ("seqs", "_rows", "_gens", "_cache")
+    __slots__ = ("seqs", "_batch", "_cache")
 
-    def __init__(self, seqs, rows, gens, cache):
+    def __init__(self, seqs, batch, cache):
         self.seqs = seqs          # tuple of the sequence ids, in row order
-        self._rows = rows
-        self._gens = gens
+        self._batch = batch       # int64 [3, B]: rows, generations, slots
         self._cache = cache
 
     def __len__(self):
@@ -2811,7 +3144,10 @@ class SeqRows:
         return f"SeqRows({len(self.seqs)} sequences)"
 
 
-_NO_GENS = np.empty(0, np.int64)
+_I64 = np.dtype(np.int64)
+_PAGED_FNS = {}       # element dtype -> {kernel name -> entry point}, shared by
+                      # all caches of that dtype (their kernels' arguments
+                      # have one type each)
 
 
 class PagedKVCache:
@@ -2924,8 +3260,7 @@ class PagedKVCache:
         self._tables = np.full((0, 8), NO_BLOCK, np.int32)
         self._lens = np.full(0, -1, np.int32)             # -1: a free row
         self._rowinfo = np.zeros((0, 3), np.int64)        # R_GEN, R_ADDED, R_MARK
-        self._pre = np.zeros(0, np.int64)
-        self._info = np.zeros(4, np.int64)
+        self._info = np.zeros(_INFO, np.int64)            # status words, preempted
         self._row_of = {}                                 # seq -> row
         self._seq_of = []                                 # row -> seq or None
         self._free_rows = set()
@@ -2933,7 +3268,7 @@ class PagedKVCache:
         self._stamp = 0                                   # add order
         self._preemptions = 0
         self._listeners = [] if on_evict is None else [on_evict]
-        self._fn = {}                                     # name -> entry point
+        self._fn = _PAGED_FNS.setdefault(self._bits_dtype.str, {})  # name -> entry
 
     # plumbing ---------------------------------------------------------------
 
@@ -2954,7 +3289,7 @@ class PagedKVCache:
         rowinfo = np.zeros((new, 3), np.int64)
         rowinfo[:old] = self._rowinfo
         self._tables, self._lens, self._rowinfo = tables, lens, rowinfo
-        self._pre = np.zeros(3 * new, np.int64)
+        self._info = np.zeros(_INFO + 3 * new, np.int64)
         self._seq_of.extend([None] * (new - old))
         self._free_rows.update(range(old, new))
 
@@ -2973,29 +3308,31 @@ class PagedKVCache:
             raise TypeError(f"sequence id {seq!r} is not hashable") from None
 
     def _rows(self, seqs):
-        """(rows, gens, ids): int64 rows of ``seqs`` (a ``SeqRows`` or
-        sequence ids), the generations to check, and the ids for messages."""
+        """(batch, ids): the int64 ``[3, B]`` batch array of ``seqs`` (a
+        ``SeqRows`` or sequence ids; see ``B_ROW``) and the ids for messages."""
         if type(seqs) is SeqRows:
             if seqs._cache is not self:
                 raise ValueError("these rows belong to another cache")
-            return seqs._rows, seqs._gens, seqs.seqs
+            return seqs._batch, seqs.seqs
         if isinstance(seqs, (str, bytes)) or not hasattr(seqs, "__iter__"):
             raise TypeError(f"seqs must be a list of sequence ids or a "
                             f"SeqRows, got {seqs!r}")
         ids = seqs if type(seqs) is list else list(seqs)
+        batch = np.empty((3, len(ids)), np.int64)
         try:
-            rows = np.fromiter(map(self._row_of.__getitem__, ids), np.int64, len(ids))
+            batch[B_ROW] = np.fromiter(map(self._row_of.__getitem__, ids), np.int64, len(ids))
         except (KeyError, TypeError):
             for s in ids:
                 self._row(s)        # raises, naming the first unknown id
             raise
-        return rows, _NO_GENS, ids
+        batch[B_GEN] = -1
+        return batch, ids
 
     def _ints(self, values, name, n=None):
-        """``values`` as a C-contiguous int64 array (of length ``n``)."""
-        if not (type(values) is np.ndarray and values.dtype == np.int64
-                and values.ndim == 1 and values.flags.c_contiguous
-                and values.flags.writeable):
+        """``values`` as a C-contiguous int64 array (of length ``n``): as it
+        is when it is one already, else converted (a copy)."""
+        if not (type(values) is np.ndarray and values.dtype is _I64
+                and values.ndim == 1 and values.flags.c_contiguous):
             arr = np.asarray(values)
             if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.ndim == 1):
                 bad = next((x for x in arr.reshape(-1).tolist()
@@ -3005,7 +3342,8 @@ class PagedKVCache:
                 raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
             if arr.dtype == np.uint64 and arr.size and arr.max() >= 1 << 63:
                 raise ValueError(f"{name} holds {arr.max()}, too large for int64")
-            values = np.array(arr, np.int64)
+            values = arr if arr is not values and arr.dtype is _I64 \
+                and arr.flags.c_contiguous else np.array(arr, np.int64)
         if n is not None and values.shape[0] != n:
             raise ValueError(f"{name} has {values.shape[0]} values for {n} sequences")
         return values
@@ -3122,8 +3460,8 @@ class PagedKVCache:
         while True:
             status = self._kernel("extend", _paged_extend, (
                 self._tables, self._lens, self._fill, self._tok, self._rowinfo,
-                self._state, self._meta, self._px, self._arena, self.block_tokens,
-                row, tokens, stamp, out, self._info))
+                self._meta, self._px, self._arena, self.block_tokens, row, tokens,
+                stamp, out, self._info))
             if status != _S_GROW:
                 break
             self._grow_columns(int(self._info[0]))
@@ -3167,36 +3505,46 @@ class PagedKVCache:
     def append(self, seqs, tokens):
         """The decode step: one new token per sequence (``seqs``: ids or a
         ``SeqRows``), a new block for those whose last is full, a copy for
-        those whose last is shared; returns the int64 slot ids. Blocks that
-        fill become findable. All-or-nothing, or with ``preempt="newest"``
-        the newest sequences are freed until the rest fit (slot -1 for
-        those in ``seqs``; reports with reason "preempt"). One compiled
-        call, O(B)."""
-        rows, gens, ids = self._rows(seqs)
-        n = rows.shape[0]
-        tokens = self._ints(tokens, "tokens", n)
-        out = np.empty(n, np.int64)
+        those whose last is shared; returns the int64 slot ids (for a
+        ``SeqRows``, its own array, overwritten by its next ``append``).
+        Blocks that fill become findable. All-or-nothing, or with
+        ``preempt="newest"`` the newest sequences are freed until the rest
+        fit (slot -1 for those in ``seqs``; reports with reason "preempt").
+        One compiled call, O(B); nothing is allocated for a ``SeqRows`` and
+        int64 ``tokens``."""
+        if type(seqs) is SeqRows and seqs._cache is self:
+            batch, ids = seqs._batch, seqs.seqs
+        else:
+            batch, ids = self._rows(seqs)
+        if not (type(tokens) is np.ndarray and tokens.dtype is _I64
+                and tokens.ndim == 1 and tokens.flags.c_contiguous):
+            tokens = self._ints(tokens, "tokens")
+        if tokens.shape[0] != batch.shape[1]:
+            raise ValueError(f"tokens has {tokens.shape[0]} values for "
+                             f"{batch.shape[1]} sequences")
+        fn = self._fn.get("append")
+        if fn is None:
+            fn = self._fn["append"] = _compiled(_paged_append, *(numba.typeof(a) for a in (
+                self._tables, self._lens, self._fill, self._tok, self._rowinfo,
+                self._meta, self._px, self._arena, 1, batch, tokens, 1, self._info)))
         info = self._info
-        info[2] = 0
-        while True:
-            fn = self._fn.get("append")
-            args = (self._tables, self._lens, self._fill, self._tok,
-                    self._rowinfo, self._state, self._meta, self._px, self._arena,
-                    self.block_tokens, rows, gens, tokens, self._preempt_flag, out,
-                    self._pre, info)
-            status = fn(*args) if fn is not None else self._kernel(
-                "append", _paged_append, args)
-            if status != _S_GROW:
-                break
+        status = fn(self._tables, self._lens, self._fill, self._tok, self._rowinfo,
+                    self._meta, self._px, self._arena, self.block_tokens, batch, tokens,
+                    self._preempt_flag, info)
+        while status == _S_GROW:
             self._grow_columns(int(info[0]))
+            info = self._info
+            status = fn(self._tables, self._lens, self._fill, self._tok,
+                        self._rowinfo, self._meta, self._px, self._arena,
+                        self.block_tokens, batch, tokens, self._preempt_flag, info)
         if status != OK:
             self._raise(status, ids, tokens)
         if info[2]:
-            pre = self._pre[:3 * int(info[2])].tolist()
+            pre = info[_INFO:_INFO + 3 * int(info[2])].tolist()
             reports = self._evicted(list(zip(pre[::3], pre[1::3], pre[2::3])), "preempt")
             if reports:
                 self._deliver(reports)
-        return out
+        return batch[B_OUT]
 
     def remove(self, seq):
         """Free a sequence's blocks."""
@@ -3206,16 +3554,16 @@ class PagedKVCache:
         """Drop several sequences' references, in order, each last block
         first (a block no one else holds joins the free list's tail);
         all-or-nothing. One compiled call, O(B + blocks)."""
-        rows, _, ids = self._rows(list(seqs) if type(seqs) is SeqRows else seqs)
+        batch, ids = self._rows(list(seqs) if type(seqs) is SeqRows else seqs)
+        rows = batch[B_ROW]
         lengths = self._lens[rows].tolist() if self._listeners else None
-        freed = np.zeros(rows.shape[0], np.int64)
         status = self._kernel("remove", _paged_remove, (
-            self._tables, self._lens, self._fill, self._rowinfo, self._state,
-            self._meta, self._px, self.block_tokens, rows, freed, self._info))
+            self._tables, self._lens, self._fill, self._rowinfo, self._meta,
+            self._px, self.block_tokens, batch, self._info))
         if status != OK:
             self._raise(status, ids)
         reports = self._evicted(list(zip(rows.tolist(), lengths or [0] * len(ids),
-                                         freed.tolist())), "remove")
+                                         batch[B_OUT].tolist())), "remove")
         if reports:
             self._deliver(reports)
 
@@ -3225,7 +3573,7 @@ class PagedKVCache:
         lookups, and ``block_table`` returns views. Rows move by swapping
         (handles of moved sequences go stale). One compiled call, O(B)."""
         ids = list(seqs)
-        rows = self._rows(ids)[0]
+        rows = self._rows(ids)[0][B_ROW]
         if len(set(rows.tolist())) != len(ids):
             seen = set()
             for s in ids:
@@ -3250,8 +3598,10 @@ class PagedKVCache:
             self._kernel("swap", _paged_swap, (self._tables, self._lens, self._rowinfo,
                                                np.array(pairs, np.int64)))
         n = len(ids)
-        return SeqRows(tuple(ids), np.arange(n, dtype=np.int64),
-                       self._rowinfo[:n, R_GEN].copy(), self)
+        batch = np.zeros((3, n), np.int64)
+        batch[B_ROW] = np.arange(n)
+        batch[B_GEN] = self._rowinfo[:n, R_GEN]
+        return SeqRows(tuple(ids), batch, self)
 
     def __len__(self):
         return len(self._row_of)
@@ -3275,7 +3625,7 @@ class PagedKVCache:
         n = _as_int(n, "n")
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
-        rows = self._rows(seqs)[0]
+        rows = self._rows(seqs)[0][B_ROW]
         lens = self._lens[rows].astype(np.int64)
         bt = self.block_tokens
         need = int((-(-(lens + n) // bt) - (-(-lens // bt))).sum())
@@ -3312,7 +3662,7 @@ class PagedKVCache:
         k = self._kv_rows(k, "k", n)
         v = self._kv_rows(v, "v", n)
         fn = self._fn.get("store")
-        args = (self._bits, self._fill, self._state, self.block_tokens,
+        args = (self._bits, self._fill, self._meta, self.block_tokens,
                 self.layers, layer, slots, k, v, self._info)
         status = fn(*args) if fn is not None else self._kernel("store", _paged_store, args)
         if status != OK:
@@ -3325,10 +3675,10 @@ class PagedKVCache:
         head_dim]`` of the sequences' K and V in the cache's dtype,
         zero-padded, and their int32 lengths."""
         layer = self._layer(layer)
-        rows, gens, ids = self._rows(seqs)
+        batch, ids = self._rows(seqs)
         status, k, v, lens = self._kernel("gather", _paged_gather, (
             self._bits, self._tables, self._lens, self._rowinfo,
-            self.block_tokens, self.layers, layer, self._e, rows, gens, self._info))
+            self.block_tokens, self.layers, layer, self._e, batch, self._info))
         if status != OK:
             self._raise(status, ids)
         shape = (k.shape[0], k.shape[1], self.kv_heads, self.head_dim)
@@ -3338,17 +3688,20 @@ class PagedKVCache:
         """(int32 ``[B, most blocks in the batch]`` padded with -1, int32
         ``[B]`` token counts). For a ``SeqRows`` both are views of the
         persistent table, updated in place until it grows; else copies."""
-        rows, gens, ids = self._rows(seqs)
-        if type(seqs) is SeqRows:
+        if type(seqs) is SeqRows and seqs._cache is self:
+            batch = seqs._batch
             fn = self._fn.get("width")
-            args = (self._lens, self._rowinfo, self.block_tokens, rows, gens, self._info)
-            width = fn(*args) if fn is not None else self._kernel("width", _paged_width, args)
+            if fn is None:
+                fn = self._fn["width"] = _compiled(_paged_width, *(numba.typeof(a) for a in (
+                    self._lens, self._rowinfo, 1, batch, self._info)))
+            width = fn(self._lens, self._rowinfo, self.block_tokens, batch, self._info)
             if width < 0:
-                self._raise(width, ids)
-            n = rows.shape[0]
+                self._raise(width, seqs.seqs)
+            n = batch.shape[1]
             return self._tables[:n, :width], self._lens[:n]
+        batch, ids = self._rows(seqs)
         status, table, lens = self._kernel("table", _paged_table, (
-            self._tables, self._lens, self._rowinfo, self.block_tokens, rows, self._info))
+            self._tables, self._lens, self._rowinfo, self.block_tokens, batch, self._info))
         if status != OK:
             self._raise(status, ids)
         return table, lens
@@ -3360,8 +3713,8 @@ class PagedKVCache:
         kv head ``h // (q_heads // kv_heads)``; softmax(q·Kᵀ·scale)·V in
         float32, ``scale`` defaulting to 1/sqrt(head_dim). One compiled call."""
         layer = self._layer(layer)
-        rows, gens, ids = self._rows(seqs)
-        n = rows.shape[0]
+        batch, ids = self._rows(seqs)
+        n = batch.shape[1]
         if not isinstance(q, np.ndarray):
             raise TypeError(f"q must be a numpy array, got {type(q).__name__}")
         if q.dtype.kind != "f":
@@ -3381,8 +3734,8 @@ class PagedKVCache:
             raise TypeError(f"scale must be a finite number, got {scale!r}")
         fn = self._fn.get("attention")
         args = (self._bits, self._lut, self._tables, self._lens, self._rowinfo,
-                self.block_tokens, self.layers, layer, self.kv_heads, q, rows,
-                gens, qlens, float(scale), self._info)
+                self.block_tokens, self.layers, layer, self.kv_heads, q, batch,
+                qlens, float(scale), self._info)
         status, out = fn(*args) if fn is not None else self._kernel(
             "attention", _paged_attention, args)
         if status == _S_BAD_QLEN:
@@ -3391,7 +3744,7 @@ class PagedKVCache:
                 raise ValueError(f"q_lens sum to {int(self._info[1])}, but q "
                                  f"holds {q.shape[0]} tokens")
             raise ValueError(f"q_lens[{i}] = {qlens[i]} is not within the "
-                             f"sequence's {int(self._lens[rows[i]])} tokens")
+                             f"sequence's {int(self._lens[batch[B_ROW, i]])} tokens")
         if status != OK:
             self._raise(status, ids)
         return out
@@ -3548,7 +3901,9 @@ def _audit(m):
     used_memory = 0
     pinned = 0
     for key, entry in m._cache.items():
-        if entry.key != key or entry._pool is not pool:
+        # The slot's key is the entry's own object (``is``, not ``==``: a NaN
+        # key is not equal to itself, yet the dict finds it by identity).
+        if entry.key is not key or entry._pool is not pool:
             _fail(f"cache slot {key!r} holds {entry!r} (key or pool mismatch)")
         if type(entry.size) is not int or entry.size <= 0:
             _fail(f"entry {key!r} has size {entry.size!r}")

@@ -722,6 +722,64 @@ def test_rows_handle_gives_live_views():
     c.check_invariants()
 
 
+def test_rows_handle_owns_its_slot_array():
+    c = small(num_blocks=20)
+    for i in range(3):
+        c.add(i, [1] * (i + 3))
+    h = c.rows([0, 1, 2])
+    first = c.append(h, np.array([7, 8, 9]))
+    assert first.tolist() == [c.slots(s)[-1] for s in range(3)]
+    kept = first.copy()
+    second = c.append(h, [1, 2, 3])
+    assert second is not kept and np.shares_memory(first, second)
+    assert first.tolist() == second.tolist() != kept.tolist()   # overwritten
+    assert second.tolist() == [c.slots(s)[-1] for s in range(3)]
+    by_ids = c.append([0, 1, 2], [4, 5, 6])                      # ids: a new array
+    assert not np.shares_memory(by_ids, second)
+    assert [c._tok[c.slots(s)[-3:]].tolist() for s in range(3)] == [
+        [7, 1, 4], [8, 2, 5], [9, 3, 6]]
+    c.check_invariants()
+
+
+def test_append_takes_any_integer_tokens_unchanged():
+    c = small(num_blocks=20)
+    c.add("a", [1])
+    c.add("b", [2])
+    h = c.rows(["a", "b"])
+    frozen = np.array([5, 6], np.int64)
+    frozen.flags.writeable = False
+    strided = np.array([7, 0, 8, 0])[::2]
+    for tokens in (frozen, strided, np.array([9, 10], np.int32), [11, 12], (13, 14)):
+        before = np.array(tokens, copy=True)
+        c.append(h, tokens)
+        assert np.array_equal(np.asarray(tokens), before)
+    assert c._tok[c.slots("a")].tolist() == [1, 5, 7, 9, 11, 13]
+    assert c._tok[c.slots("b")].tolist() == [2, 6, 8, 10, 12, 14]
+    with pytest.raises(ValueError, match="3 values for 2 sequences"):
+        c.append(h, [1, 2, 3])
+    with pytest.raises(TypeError, match="integers"):
+        c.append(h, np.array([1.0, 2.0]))
+    c.check_invariants()
+
+
+def test_store_copies_runs_and_repeats_in_order():
+    c = small(num_blocks=20, block_tokens=4)
+    c.add("a", [1] * 10)
+    c.add("b", [1] * 3)
+    rng = np.random.default_rng(5)
+    sa, sb = c.slots("a"), c.slots("b")
+    slots = np.concatenate([sa[1:9], sb, sa[[0, 9, 9]]])      # runs across blocks, a repeat
+    k = rng.standard_normal((len(slots), 2, 4)).astype(np.float32)
+    v = rng.standard_normal((len(slots), 2, 4)).astype(np.float32)
+    c.store(1, slots, k, v)
+    ka, va, _ = c.gather(1, ["a"])
+    kb, vb, _ = c.gather(1, ["b"])
+    assert np.array_equal(ka[0], np.concatenate([k[[11]], k[:8], k[[13]]]))
+    assert np.array_equal(va[0], np.concatenate([v[[11]], v[:8], v[[13]]]))
+    assert np.array_equal(kb[0], k[8:11]) and np.array_equal(vb[0], v[8:11])
+    assert not c.gather(0, ["a"])[0].any()                      # the other layer untouched
+
+
 def test_table_and_rows_grow():
     c = small(num_blocks=700, block_tokens=1)
     for i in range(20):
