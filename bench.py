@@ -1605,8 +1605,24 @@ def prefix_trace(n):
     return prompts, decode
 
 
-def serve_prefix(c, prompts, decode, max_running, peer):
-    """Admit in order while it fits, one decode step for all running, the
+def admit(c, waiting, prompts, room, covered):
+    """Add waiting requests in order while they fit (at most ``room``); the
+    ids added, their covered prompt tokens appended to ``covered``."""
+    added = []
+    while waiting and len(added) < room:
+        rid = waiting[0]
+        try:
+            covered.append(c.add(rid, prompts[rid]))
+        except PoolExhaustedError:
+            break
+        waiting.popleft()
+        added.append(rid)
+    return added
+
+
+def serve_prefix(c, prompts, decode, max_running):
+    """The shared-prefix trace, request by request as vLLM's scheduler runs
+    it: admit in order while it fits, one decode step for all running, the
     newest preempted (and restarted) when short; (completed, preempted,
     covered tokens per admission)."""
     waiting = collections.deque(range(len(prompts)))
@@ -1614,20 +1630,12 @@ def serve_prefix(c, prompts, decode, max_running, peer):
     covered = []
     completed = preempted = step = 0
     while waiting or running:
-        while waiting and len(running) < max_running:
-            rid = waiting[0]
-            try:
-                covered.append(c.add(rid, prompts[rid]))
-            except PoolExhaustedError:
-                break
-            waiting.popleft()
+        for rid in admit(c, waiting, prompts, max_running - len(running), covered):
             running[rid] = decode[rid]
         ids = list(running)
         step += 1
-        toks = [(step * 31 + r) % 32000 for r in ids]
-        slots = c.append(ids, toks) if peer else c.append(ids, toks).tolist()
         done = []
-        for rid, s in zip(ids, slots):
+        for rid, s in zip(ids, c.append(ids, [(step * 31 + r) % 32000 for r in ids])):
             if s < 0:
                 del running[rid]
                 waiting.appendleft(rid)
@@ -1638,13 +1646,8 @@ def serve_prefix(c, prompts, decode, max_running, peer):
                     done.append(rid)
         for rid in done:
             del running[rid]
+            c.remove(rid)
             completed += 1
-        if done:
-            if peer:
-                for rid in done:
-                    c.remove(rid)
-            else:
-                c.remove_many(done)
     return completed, preempted, covered
 
 
@@ -1656,15 +1659,7 @@ def serve_prefix_kv(c, prompts, decode, max_running):
     covered = []
     completed = preempted = step = 0
     while waiting or ids:
-        added = []
-        while waiting and len(ids) + len(added) < max_running:
-            rid = waiting[0]
-            try:
-                covered.append(c.add(rid, prompts[rid]))
-            except PoolExhaustedError:
-                break
-            waiting.popleft()
-            added.append(rid)
+        added = admit(c, waiting, prompts, max_running - len(ids), covered)
         if added:
             ids = ids + added
             left = np.concatenate([left, np.array([decode[r] for r in added], np.int64)])
@@ -1702,7 +1697,7 @@ def paged_prefix(cfg):
     out = {}
 
     def run(c, tag):
-        out[tag] = (serve_prefix(c, prompts, decode, running, True) if tag == "peer"
+        out[tag] = (serve_prefix(c, prompts, decode, running) if tag == "peer"
                     else serve_prefix_kv(c, arrays, decode, running))
 
     kv = timed(lambda c: run(c, "kv"), 1, cfg.repeats,
