@@ -981,6 +981,22 @@ def test_pool_exhausted_error_says_needed_and_free_and_round_trips(roundtrip):
     assert (e.needed, e.free, str(e)) == (2, 1, str(info.value))
 
 
+def test_free_blocks_is_the_pools_count_without_a_snapshot():
+    m = KVCacheManager(16 * 64, 64, eviction="lru")
+    seen = [m.free_blocks]
+    m.allocate_entry("a", 130)
+    seen.append(m.free_blocks)
+    m.resize_entry("a", 64 * 10)
+    seen.append(m.free_blocks)
+    m.allocate_entries(["b", "c"], [64 * 6, 1])
+    seen.append(m.free_blocks)
+    m.remove_cache_entries(["a", "c"])
+    seen.append(m.free_blocks)
+    assert seen == [16, 13, 6, 9, 10]          # b and c evicted a
+    assert m.free_blocks == m.stats.free_blocks and type(m.free_blocks) is int
+    m.check_invariants()
+
+
 # ============================================================================
 # Eviction
 #
