@@ -110,7 +110,7 @@ FORMAT_VERSION = 1       # of the .npz snapshot written by KVCacheManager.save
 # same arrays, compiled only when something needs it.
 #
 #   arena  uint8[n * block_size]   the bytes
-#   meta   int64[8 + 2n + n/8]     | counters (8) | ring (n) | link (n) | state |
+#   meta   int64[8 + 2n + ceil(n/8)]  | counters (8) | ring (n) | link (n) | state |
 #
 #   state  uint8[n], a view of meta's last words: NEVER / FREE / HELD / HEAD /
 #          LINK per block
@@ -300,6 +300,8 @@ def _walk(state, link, head, n, out, at):
     total = state.shape[0]
     size = out.shape[0]
     b = head
+    if n <= 0:
+        return 0, False
     for i in range(min(n, total)):
         if b == NO_BLOCK:
             return i, i > 0
@@ -471,7 +473,7 @@ def _resize_chain(arena, meta, head, n_old, n_new, zero_from, zero):
 
 
 @njit(cache=True)
-def _span_status(arena, state, meta, head, n, offset, size):
+def _span_status(state, meta, head, n, offset, size):
     """``OK`` if ``size`` bytes from ``offset`` lie inside the chain of ``n``
     blocks at ``head``, else ``ERR_BAD_CHAIN`` or ``ERR_RANGE``."""
     ring, link, ctr = _parts(state, meta)
@@ -532,7 +534,7 @@ def _write_chain(arena, meta, head, n, offset, data):
     ``offset``; ``OK`` or an ``ERR_*`` code, writing nothing. A ``data``
     that overlaps the arena is copied first, as memmove would."""
     state = _state_of(meta)
-    status = _span_status(arena, state, meta, head, n, offset, data.shape[0])
+    status = _span_status(state, meta, head, n, offset, data.shape[0])
     if status != OK:
         return status
     if _overlaps(arena, data):
@@ -555,7 +557,7 @@ def _read_chain(arena, meta, head, n, offset, out):
     or an ``ERR_*`` code, reading nothing. An ``out`` that overlaps the
     arena is filled through a fresh buffer."""
     state = _state_of(meta)
-    status = _span_status(arena, state, meta, head, n, offset, out.shape[0])
+    status = _span_status(state, meta, head, n, offset, out.shape[0])
     if status != OK:
         return status
     into = np.empty(out.shape[0], np.uint8) if _overlaps(arena, out) else out
@@ -638,7 +640,8 @@ class MemoryPool:
     C-contiguous ``uint8`` array of at least that many blocks' bytes, used
     without a copy).
 
-    Free-list ring (capacity ``total_blocks``, the first part of ``meta``)::
+    Free-list ring (capacity ``total_blocks``, in ``meta`` after the
+    counters)::
 
         ring: [ . | . | 7 | 3 | 9 | . ]      head=2, count=3
                         ^oldest     ^newest; the next free goes to
@@ -657,7 +660,7 @@ class MemoryPool:
     ``chain_blocks``, ``read_chain``, ``write_chain``.
     Counters: ``free_blocks``, ``used_blocks``, ``never_used_blocks``,
     ``total_blocks``, ``capacity``, ``peak_used``, ``head``, ``count``,
-    ``bump`` (views of ``ctr``, the last part of ``meta``).
+    ``bump`` (views of ``ctr``, the first eight words of ``meta``).
     Audit: ``check_invariants()`` (from the interpreter).
 
     Every method is one call into a module-level kernel over ``arena``,
@@ -825,7 +828,8 @@ class MemoryPool:
         Growth appends blocks in pool order; shrinking frees the tail blocks
         to the ring in chain order. With ``zero``, added blocks are zeroed and
         so are the kept bytes from ``zero_from`` on. Returns ``OK``,
-        ``ERR_NO_SPACE`` or ``ERR_BAD_CHAIN`` (then nothing changed).
+        ``ERR_NO_SPACE``, ``ERR_RANGE`` (a negative ``zero_from``) or
+        ``ERR_BAD_CHAIN`` (then nothing changed).
         """
         return _resize_chain(self.arena, self.meta, head, n_old,
                              n_new, zero_from, zero)
@@ -889,7 +893,12 @@ def _compiled(kernel, *argtypes):
 
 class _Kernels(dict):
     """``name -> entry point`` for the kernels the manager calls, each
-    resolved on first use for the one signature the manager passes."""
+    resolved on first use for the one signature the manager passes.
+
+    An entry point checks nothing but each array's item size: a caller must
+    pass exactly the types in ``SIGNATURES`` (1-D C-contiguous arrays of
+    those dtypes, writable unless marked read-only; Python ints within
+    int64; real bools), or it reads and writes the wrong memory."""
 
     _ARENA, _META = uint8[::1], int64[::1]
     # (a writable array passes as a read-only one: the kernel only reads it)
