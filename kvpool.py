@@ -3,7 +3,15 @@
 A ``MemoryPool`` (a numba jitclass) cuts one ``uint8`` arena into fixed-size
 blocks and hands them out; a ``KVCacheManager`` (plain Python) maps cache keys
 to entries that own a chain of blocks, evicts by recency under pressure, moves
-the bytes in and out, keeps statistics, and audits all of it on demand.
+the bytes in and out, keeps statistics, and audits all of it on demand; a
+``PagedKVCache`` keeps the K/V of decoding sequences in the blocks of such a
+pool, with block tables, slot ids, shared blocks and attention that reads the
+pool directly.
+
+All compiled logic is module-level kernels over plain arrays, cached on disk
+(``cache=True``): the manager and the paged cache call their compiled entry
+points, and the jitclass, which numba cannot cache, is compiled only when it
+is asked for.
 
 Layout of the pool (every array has one slot per block)::
 
@@ -24,7 +32,8 @@ Layout of the pool (every array has one slot per block)::
   The states keep the two APIs apart: block calls never free a chain's block
   and chain calls never free a HELD one. (The chain calls are the manager's
   tools: used on a manager's own entries they corrupt it.)
-* Metadata costs 17 bytes per block (ring and link ``int64``, state ``uint8``).
+* Metadata costs 17 bytes per block (ring and link ``int64``, state
+  ``uint8``, all in one ``int64`` array ``meta`` after 8 counters).
 * A remainder of ``total_size`` smaller than one block is not used.
 
 Complexity (n = blocks involved, e = live entries, all compiled loops)::
@@ -39,6 +48,15 @@ Complexity (n = blocks involved, e = live entries, all compiled loops)::
     write, read                              O(n + bytes), one compiled call
     lookups, touch, pin, len, in             O(1)
     check_invariants                         O(total blocks + e)
+
+    PagedKVCache (B = sequences in the call, T = tokens, L = context)
+    append (a decode step)                   O(B), one compiled call
+    add, extend                              O(T), one compiled call
+    store                                    O(T * layer bytes), one call
+    attention                                O(sum of q_lens * L), one call
+    block_table, gather                      O(B * blocks) / O(bytes)
+    fork, remove, remove_many                O(blocks), one compiled call
+    check_invariants                         O(total blocks + rows)
 
 The pool is usable from a user's own ``@numba.njit`` code: pass it in and call
 its methods; compiled code gets status codes (``OK``, ``ERR_*``, ``NO_BLOCK``),
