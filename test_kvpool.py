@@ -3455,7 +3455,7 @@ def test_long_run(n_ops, seed):
 # prefix cache, newest-first preemption, every stored byte); attention
 # against numpy; preemption; row handles and block tables; the bad-input
 # matrix (a clear error, nothing changed); one corruption per invariant
-# of the audit; the decode loop of the README's kind.
+# of the audit; a toy-model decode loop (README_EXAMPLE).
 # ============================================================================
 
 # -- helpers ------------------------------------------------------------------
