@@ -205,8 +205,13 @@ def _take(state, meta, out, mark):
     ctr[C_HEAD] = head
     ctr[C_COUNT] = count
     ctr[C_BUMP] = bump
-    if bump - count > ctr[C_PEAK]:
-        ctr[C_PEAK] = bump - count
+    _note_peak(ctr)
+
+
+@njit(cache=True)
+def _note_peak(ctr):
+    if ctr[C_BUMP] - ctr[C_COUNT] > ctr[C_PEAK]:
+        ctr[C_PEAK] = ctr[C_BUMP] - ctr[C_COUNT]
 
 
 @njit(cache=True)
@@ -250,14 +255,25 @@ def _allocate_n(meta, out):
 
 
 @njit(cache=True)
-def _allocate(meta):
-    """Take one block; its id, or ``NO_BLOCK`` when none is free."""
-    state = _state_of(meta)
-    if _free_count(state, meta) == 0:
+def _allocate(state, meta):
+    """Take one block; its id, or ``NO_BLOCK`` when none is free. (Indexes
+    ``meta`` directly, no views: this is the compiled-code hot path.)"""
+    total = state.shape[0]
+    count = meta[C_COUNT]
+    bump = meta[C_BUMP]
+    if count + total - bump == 0:
         return NO_BLOCK
-    out = np.empty(1, np.int64)
-    _take(state, meta, out, HELD)
-    return out[0]
+    if count > 0:
+        head = meta[C_HEAD]
+        block = meta[_N_COUNTERS + head]
+        meta[C_HEAD] = head + 1 if head + 1 < total else 0
+        meta[C_COUNT] = count - 1
+    else:
+        block = bump
+        meta[C_BUMP] = bump + 1
+    state[block] = HELD
+    _note_peak(meta)                    # (the counters are meta's first words)
+    return block
 
 
 @njit(cache=True)
@@ -290,18 +306,18 @@ def _release_n(meta, ids):
 
 
 @njit(cache=True)
-def _release(meta, block):
+def _release(state, meta, block):
     """Return one HELD block to the ring tail; ``OK``, or an ``ERR_*`` code
     and nothing freed."""
-    state = _state_of(meta)
-    if block < 0 or block >= state.shape[0]:
+    total = state.shape[0]
+    if block < 0 or block >= total:
         return ERR_RANGE
     s = state[block]                    # (a non-integer block fails here)
     if s != HELD:
         return ERR_IN_ENTRY if s == HEAD or s == LINK else ERR_NOT_ALLOCATED
-    ids = np.empty(1, np.int64)
-    ids[0] = block
-    _put(state, meta, ids)
+    meta[_N_COUNTERS + _tail(total, meta[C_HEAD], meta[C_COUNT])] = block
+    meta[C_COUNT] += 1
+    state[block] = FREE
     return OK
 
 
@@ -773,7 +789,7 @@ class MemoryPool:
 
     def allocate(self):
         """Take one block; return its id, or ``NO_BLOCK`` when none is free."""
-        return int(_allocate(self.meta))
+        return int(_allocate(self.state, self.meta))
 
     def release_n(self, ids):
         """Return HELD blocks ``ids`` to the ring tail in order; return ``OK``,
@@ -783,7 +799,7 @@ class MemoryPool:
     def release(self, block):
         """Return one HELD block to the ring tail; ``OK`` or an ``ERR_*``
         code (freeing nothing)."""
-        return _release(self.meta, block)
+        return _release(self.state, self.meta, block)
 
     def _raise_for(self, status, block):
         """The ``ValueError`` for a refused ``block``, naming it."""
