@@ -666,6 +666,17 @@ def _block_ids_compiled(value):
 
 # -- the jitclass ------------------------------------------------------------
 
+def _counter(index, doc):
+    """A read-write property over ``ctr[index]`` (numba compiles the
+    accessors with the jitclass)."""
+    def get(self):
+        return int(self.ctr[index])
+
+    def put(self, value):
+        self.ctr[index] = value
+    return property(get, put, doc=doc)
+
+
 class MemoryPool:
     """Fixed-size blocks of one byte arena, reused first-freed-first-out.
 
@@ -729,37 +740,11 @@ class MemoryPool:
 
     # counters ---------------------------------------------------------------
 
-    @property
-    def head(self):
-        return int(self.ctr[C_HEAD])
-
-    @head.setter
-    def head(self, value):
-        self.ctr[C_HEAD] = value
-
-    @property
-    def count(self):
-        return int(self.ctr[C_COUNT])
-
-    @count.setter
-    def count(self, value):
-        self.ctr[C_COUNT] = value
-
-    @property
-    def bump(self):
-        return int(self.ctr[C_BUMP])
-
-    @bump.setter
-    def bump(self, value):
-        self.ctr[C_BUMP] = value
-
-    @property
-    def peak_used(self):
-        return int(self.ctr[C_PEAK])
-
-    @peak_used.setter
-    def peak_used(self, value):
-        self.ctr[C_PEAK] = value
+    head = _counter(C_HEAD, "Ring slot of the oldest freed block.")
+    count = _counter(C_COUNT, "Freed blocks in the ring.")
+    bump = _counter(C_BUMP, "The next never-used id.")
+    peak_used = _counter(C_PEAK, "The most blocks in use at once since "
+                                 "construction or a manager's reset_stats.")
 
     @property
     def free_blocks(self):
