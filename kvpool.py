@@ -2281,6 +2281,7 @@ _S_NO_SPACE = -23     # info[0]: blocks needed, info[1]: free
 _S_GROW = -24         # info[0]: table columns needed; retried after growing
 _S_BAD_SLOT = -25     # info[0]: index of a slot no live token owns
 _S_BAD_QLEN = -26     # info[0]: index of a bad q_len, or -1 (sum != T, in info[1])
+_S_SHARED_SLOT = -27  # info[0]: index of a slot in a shared block, info[1]: its holders
 
 _F16_TABLE = None     # float16 bits -> float32, built on first use
 
@@ -2919,11 +2920,13 @@ def _paged_table(tables, lens, rowinfo, bt, batch, info):
 
 
 @njit(cache=True)
-def _paged_store(kv, fill, meta, bt, layers, layer, slots, k, v, info):
+def _paged_store(kv, fill, meta, blk, bt, layers, layer, slots, k, v, info):
     """Write rows of ``k`` and ``v`` (``[T, kv_heads * head_dim]``, the
-    cache's element type) at ``slots`` of ``layer``; checked first. A run of
-    consecutive slots within a block is one contiguous copy each for K and
-    V (a slot given twice: its last row wins, as in order)."""
+    cache's element type) at ``slots`` of ``layer``; checked first: each a
+    reserved slot (else ``_S_BAD_SLOT``) of a block held once (else
+    ``_S_SHARED_SLOT``). A run of consecutive slots within a block is one
+    contiguous copy each for K and V (a slot given twice: its last row
+    wins, as in order)."""
     state = _state_of(meta)
     nblk = state.shape[0]
     T = slots.shape[0]
@@ -2934,6 +2937,10 @@ def _paged_store(kv, fill, meta, bt, layers, layer, slots, k, v, info):
         if s < 0 or b >= nblk or state[b] != HELD or s - b * bt >= fill[b]:
             info[0] = i
             return _S_BAD_SLOT
+        if blk[b, B_REF] > 1:
+            info[0] = i
+            info[1] = blk[b, B_REF]
+            return _S_SHARED_SLOT
     kf, vf = k.reshape(T * e), v.reshape(T * e)
     i = 0
     while i < T:
@@ -3660,20 +3667,37 @@ class PagedKVCache:
 
     def store(self, layer, slots, k, v):
         """Write ``k`` and ``v`` (``[T, kv_heads, head_dim]``, converted to
-        the cache's dtype) of ``layer`` at ``slots``, each a reserved slot
-        of a live sequence (a slot given twice gets its last row). One
-        compiled call, O(T * kv_heads * head_dim)."""
+        the cache's dtype) of ``layer`` at ``slots`` (a slot given twice gets
+        its last row). All-or-nothing; ``ValueError`` naming the first bad
+        slot. One compiled call, O(T * kv_heads * head_dim).
+
+        Each slot must be a reserved slot of a live sequence, in a block that
+        only one sequence holds (reference count 1). A shared block, after
+        ``fork`` or a prefix hit on a live sequence's blocks, is refused:
+        writing it would change the other holders' K/V. Appending to a
+        shared last block copies it first, so a decode step's new slots are
+        always writable; a prefix hit's covered slots need no K/V (they are
+        cached). A full block that is findable in the prefix cache but held
+        only by its owner stays writable: a block becomes findable the
+        moment it fills (in ``append`` or ``extend``), before its owner has
+        stored the K/V of the tokens that filled it. Store each step's K/V
+        before the next ``add`` or ``fork``, which could share that block."""
         layer = self._layer(layer)
         slots = self._ints(slots, "slots")
         n = slots.shape[0]
         k = self._kv_rows(k, "k", n)
         v = self._kv_rows(v, "v", n)
         fn = self._fn.get("store")
-        args = (self._bits, self._fill, self._meta, self.block_tokens,
+        args = (self._bits, self._fill, self._meta, self._blk, self.block_tokens,
                 self.layers, layer, slots, k, v, self._info)
         status = fn(*args) if fn is not None else self._kernel("store", _paged_store, args)
         if status != OK:
             i = int(self._info[0])
+            if status == _S_SHARED_SLOT:
+                raise ValueError(
+                    f"slot {slots[i]} (index {i}) is in block {slots[i] // self.block_tokens}, "
+                    f"shared by {int(self._info[1])} sequences; writing it would "
+                    "change their K/V")
             raise ValueError(f"slot {slots[i]} (index {i}) is not a reserved "
                              "slot of a live sequence")
 
