@@ -2266,10 +2266,10 @@ class KVCacheManager:
 
 PREEMPT_POLICIES = ("none", "newest")
 R_GEN, R_ADDED, R_MARK = 0, 1, 2     # columns of the per-row int64 array
-# A batch crossing into a kernel is one int64 array [3, B]: its rows of the
-# block table, their generations (-1: sequence ids, checked for repeats
-# instead) and room for the slots ``append`` hands out.
-B_ROW, B_GEN, B_OUT = 0, 1, 2
+# A batch crossing into a kernel is one int64 array [3, B], rows BATCH_*: its
+# rows of the block table, their generations (-1: sequence ids, checked for
+# repeats instead) and room for the slots ``append`` hands out.
+BATCH_ROW, BATCH_GEN, BATCH_OUT = 0, 1, 2
 _INFO = 4             # status words at the head of ``info``; then the
                       # (row, length) pairs that ``append`` preempted
 
@@ -2312,7 +2312,7 @@ def _check_rows(lens, rowinfo, batch, info):
     ``SeqRows``, whose rows are distinct by construction), of that
     generation; else no row twice (found by marking, then unmarked). On
     failure ``info[0]`` is the bad index. Leaves nothing marked."""
-    rows, gens = batch[B_ROW], batch[B_GEN]
+    rows, gens = batch[BATCH_ROW], batch[BATCH_GEN]
     n = rows.shape[0]
     check_gen = n > 0 and gens[0] >= 0
     status = OK
@@ -2366,9 +2366,10 @@ def _unmark(rowinfo, rows):
 #
 # The prefix state is one int64 array (fewer arguments across the boundary):
 #
-#   px  | counters (16) | per block [n, 6]: ref, hash, parent hash, next and
-#       prev in its class, depth (-1: not findable) | table keys (cap) |
-#       table values (cap): the oldest block of the class, -1 empty |
+#   px  | counters (16, P_*) | per block [n, 6] (columns B_*): ref, hash,
+#       parent hash, next and prev in its class, depth (-1: not findable) |
+#       table keys (cap) | table values (cap): the oldest block of the
+#       class, -1 empty |
 #
 # The table is open addressing with linear probing, capacity a power of two
 # >= 2n (a load of at most 1/2), and backward-shift deletion (no
@@ -2379,6 +2380,7 @@ def _unmark(rowinfo, rows):
 P_N, P_CAP, P_ON, P_MASK, P_REQS, P_QUERIES, P_HITS, P_COW = range(8)
 P_SPLIT = 8          # partial blocks held more than once (0: no copy can be
 _P_HEAD = 16         # due, and the decode step reads no reference counts)
+# Columns of the per-block part of ``px``.
 B_REF, B_HASH, B_PHASH, B_NEXT, B_PREV, B_DEPTH = range(6)
 _B_COLS = 6
 _ROOT_HASH = 0x6B76706F6F6C      # the parent hash of a sequence's first block
@@ -2664,13 +2666,13 @@ def _append_need(tables, lens, rowinfo, px, blk, bt, rows, scratch):
 def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
                   tokens, preempt, info):
     """One token per row: reserve its slot (a new block when the last is
-    full, a copy when it is shared) into ``batch[B_OUT]``. Short of blocks:
+    full, a copy when it is shared) into ``batch[BATCH_OUT]``. Short of blocks:
     ``_S_NO_SPACE``, or with ``preempt`` free the newest sequences
     (``info[_INFO:]``: row, length, blocks freed; ``info[2]``: how many)
     until the rest fit; a preempted row's slot is -1. Blocks that fill
     become findable."""
     state = _state_of(meta)
-    rows, out, pre = batch[B_ROW], batch[B_OUT], info[_INFO:]
+    rows, out, pre = batch[BATCH_ROW], batch[BATCH_OUT], info[_INFO:]
     n = rows.shape[0]
     info[2] = 0
     status = _check_rows(lens, rowinfo, batch, info)
@@ -2830,15 +2832,15 @@ def _paged_extend(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, row,
 
 @njit(cache=True)
 def _paged_remove(tables, lens, fill, rowinfo, meta, px, bt, batch, info):
-    """Free whole rows, in order (blocks freed per row into ``batch[B_OUT]``);
+    """Free whole rows, in order (blocks freed per row into ``batch[BATCH_OUT]``);
     ``OK`` or a status, freeing nothing."""
     status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status
     state = _state_of(meta)
-    rows = batch[B_ROW]
+    rows = batch[BATCH_ROW]
     for i in range(rows.shape[0]):
-        batch[B_OUT, i] = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt,
+        batch[BATCH_OUT, i] = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt,
                                        rows[i])
     return OK
 
@@ -2893,7 +2895,7 @@ def _paged_width(lens, rowinfo, bt, batch, info):
     status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status
-    rows = batch[B_ROW]
+    rows = batch[BATCH_ROW]
     longest = 0
     for i in range(rows.shape[0]):
         longest = max(longest, lens[rows[i]])
@@ -2904,7 +2906,7 @@ def _paged_width(lens, rowinfo, bt, batch, info):
 def _paged_table(tables, lens, rowinfo, bt, batch, info):
     """(status, table, lens): copies of the rows' tables, padded with -1,
     and their lengths."""
-    rows = batch[B_ROW]
+    rows = batch[BATCH_ROW]
     n = rows.shape[0]
     width = _paged_width(lens, rowinfo, bt, batch, info)
     if width < 0:
@@ -2966,7 +2968,7 @@ def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, batch,
                   info):
     """(status, k, v, lens): the rows' K and V of ``layer`` as
     ``[B, longest, e]`` copies, zero-padded, and their lengths."""
-    rows = batch[B_ROW]
+    rows = batch[BATCH_ROW]
     n = rows.shape[0]
     status = _check_rows(lens, rowinfo, batch, info)
     width = 0
@@ -2995,7 +2997,7 @@ def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
     """(status, out): causal attention of ``q`` (float32 ``[T, q_heads,
     head_dim]``, ``qlens[i]`` queries per row, each row's last tokens) over
     the rows' stored K and V; float32 throughout, softmax per query."""
-    rows = batch[B_ROW]
+    rows = batch[BATCH_ROW]
     n = rows.shape[0]
     T, qh, hd = q.shape[0], q.shape[1], q.shape[2]
     out = np.zeros((T, qh, hd), np.float32)
@@ -3323,7 +3325,7 @@ class PagedKVCache:
 
     def _rows(self, seqs):
         """(batch, ids): the int64 ``[3, B]`` batch array of ``seqs`` (a
-        ``SeqRows`` or sequence ids; see ``B_ROW``) and the ids for messages."""
+        ``SeqRows`` or sequence ids; see ``BATCH_ROW``) and the ids for messages."""
         if type(seqs) is SeqRows:
             if seqs._cache is not self:
                 raise ValueError("these rows belong to another cache")
@@ -3334,12 +3336,13 @@ class PagedKVCache:
         ids = seqs if type(seqs) is list else list(seqs)
         batch = np.empty((3, len(ids)), np.int64)
         try:
-            batch[B_ROW] = np.fromiter(map(self._row_of.__getitem__, ids), np.int64, len(ids))
+            batch[BATCH_ROW] = np.fromiter(map(self._row_of.__getitem__, ids), np.int64,
+                                           len(ids))
         except (KeyError, TypeError):
             for s in ids:
                 self._row(s)        # raises, naming the first unknown id
             raise
-        batch[B_GEN] = -1
+        batch[BATCH_GEN] = -1
         return batch, ids
 
     def _ints(self, values, name, n=None):
@@ -3558,7 +3561,7 @@ class PagedKVCache:
             reports = self._evicted(list(zip(pre[::3], pre[1::3], pre[2::3])), "preempt")
             if reports:
                 self._deliver(reports)
-        return batch[B_OUT]
+        return batch[BATCH_OUT]
 
     def remove(self, seq):
         """Free a sequence's blocks."""
@@ -3569,7 +3572,7 @@ class PagedKVCache:
         first (a block no one else holds joins the free list's tail);
         all-or-nothing. One compiled call, O(B + blocks)."""
         batch, ids = self._rows(list(seqs) if type(seqs) is SeqRows else seqs)
-        rows = batch[B_ROW]
+        rows = batch[BATCH_ROW]
         lengths = self._lens[rows].tolist() if self._listeners else None
         status = self._kernel("remove", _paged_remove, (
             self._tables, self._lens, self._fill, self._rowinfo, self._meta,
@@ -3577,7 +3580,7 @@ class PagedKVCache:
         if status != OK:
             self._raise(status, ids)
         reports = self._evicted(list(zip(rows.tolist(), lengths or [0] * len(ids),
-                                         batch[B_OUT].tolist())), "remove")
+                                         batch[BATCH_OUT].tolist())), "remove")
         if reports:
             self._deliver(reports)
 
@@ -3587,7 +3590,7 @@ class PagedKVCache:
         lookups, and ``block_table`` returns views. Rows move by swapping
         (handles of moved sequences go stale). One compiled call, O(B)."""
         ids = list(seqs)
-        rows = self._rows(ids)[0][B_ROW]
+        rows = self._rows(ids)[0][BATCH_ROW]
         if len(set(rows.tolist())) != len(ids):
             seen = set()
             for s in ids:
@@ -3613,8 +3616,8 @@ class PagedKVCache:
                                                np.array(pairs, np.int64)))
         n = len(ids)
         batch = np.zeros((3, n), np.int64)
-        batch[B_ROW] = np.arange(n)
-        batch[B_GEN] = self._rowinfo[:n, R_GEN]
+        batch[BATCH_ROW] = np.arange(n)
+        batch[BATCH_GEN] = self._rowinfo[:n, R_GEN]
         return SeqRows(tuple(ids), batch, self)
 
     def __len__(self):
@@ -3639,7 +3642,7 @@ class PagedKVCache:
         n = _as_int(n, "n")
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
-        rows = self._rows(seqs)[0][B_ROW]
+        rows = self._rows(seqs)[0][BATCH_ROW]
         lens = self._lens[rows].astype(np.int64)
         bt = self.block_tokens
         need = int((-(-(lens + n) // bt) - (-(-lens // bt))).sum())
@@ -3775,7 +3778,7 @@ class PagedKVCache:
                 raise ValueError(f"q_lens sum to {int(self._info[1])}, but q "
                                  f"holds {q.shape[0]} tokens")
             raise ValueError(f"q_lens[{i}] = {qlens[i]} is not within the "
-                             f"sequence's {int(self._lens[batch[B_ROW, i]])} tokens")
+                             f"sequence's {int(self._lens[batch[BATCH_ROW, i]])} tokens")
         if status != OK:
             self._raise(status, ids)
         return out
