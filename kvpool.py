@@ -3498,18 +3498,29 @@ class PagedKVCache:
         tokens and K/V, by reference); whichever appends first to a shared
         last block copies it. Raises ``KeyError`` for an unknown parent or a
         live child. One compiled call, O(blocks)."""
-        src = self._row(parent)
-        try:
-            live = child in self._row_of
-        except TypeError:
+        row_of = self._row_of                  # the steps of _row, _new_row
+        try:                                   # and _bind, inlined: a fork
+            src = row_of[parent]               # is a handful of dict and set
+            live = child in row_of             # operations and one call
+        except (KeyError, TypeError):
+            self._row(parent)                  # raises, naming the parent
             raise TypeError(f"sequence id {child!r} is not hashable") from None
         if live:
             raise KeyError(f"sequence {child!r} is already in the cache")
-        dst = self._new_row()
-        self._kernel("fork", _paged_fork, (self._tables, self._lens, self._rowinfo,
-                                           self._px, self.block_tokens, src, dst,
-                                           self._stamp))
-        self._bind(child, dst)
+        free = self._free_rows
+        if not free:
+            self._grow_rows()
+        dst = min(free)
+        fn = self._fn.get("fork")
+        if fn is None:
+            fn = self._fn["fork"] = _compiled(_paged_fork, *(numba.typeof(a) for a in (
+                self._tables, self._lens, self._rowinfo, self._px, 1, 1, 1, 1)))
+        fn(self._tables, self._lens, self._rowinfo, self._px, self.block_tokens, src, dst,
+           self._stamp)
+        free.discard(dst)
+        row_of[child] = dst
+        self._seq_of[dst] = child
+        self._stamp += 1
 
     def reset_prefix_cache(self):
         """Forget every cached hash: True, or False (refused, nothing

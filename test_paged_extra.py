@@ -112,6 +112,36 @@ def test_the_refusal_message_names_the_block_and_its_holders():
     assert not np.any(c.kv[2])
 
 
+def test_fork_refuses_bad_ids_changing_nothing():
+    c = small()
+    c.add("p", [1, 2, 3])
+    c.add("q", [4])
+    for parent, child, error, text in (
+            ("nope", "c", KeyError, "no sequence 'nope'"),
+            ([1], "c", TypeError, r"sequence id \[1\] is not hashable"),
+            ("p", [2], TypeError, r"sequence id \[2\] is not hashable"),
+            ("p", "q", KeyError, "sequence 'q' is already in the cache"),
+            ("nope", [2], KeyError, "no sequence 'nope'")):   # the parent first
+        before = snapshot(c)
+        with pytest.raises(error, match=text):
+            c.fork(parent, child)
+        assert snapshot(c) == before and sorted(c._free_rows) == list(range(2, 8))
+
+
+def test_forks_take_the_lowest_free_row_and_grow_the_rows():
+    c = small(num_blocks=40)
+    c.add("p", [1, 2, 3, 4, 5])
+    for i in range(20):                            # 8 rows, then 16, then 32
+        c.fork("p", i)
+        assert c._row_of[i] == i + 1
+    c.remove_many([3, 7])
+    c.fork("p", "x")
+    c.fork(5, "y")
+    assert (c._row_of["x"], c._row_of["y"]) == (4, 8)
+    assert c.length("y") == 5 and c.stats.shared_blocks == 2
+    c.check_invariants()
+
+
 # -- the prefix cache ------------------------------------------------------------
 
 def test_a_prefix_hits_covered_slots_are_refused_the_rest_written():
