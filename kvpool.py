@@ -2294,10 +2294,10 @@ class KVCacheManager:
 
 PREEMPT_POLICIES = ("none", "newest")
 R_GEN, R_ADDED, R_MARK = 0, 1, 2     # columns of the per-row int64 array
-# A batch crossing into a kernel is one int64 array [3, B]: its rows of the
-# block table, their generations (-1: sequence ids, checked for repeats
-# instead) and room for the slots ``append`` hands out.
-B_ROW, B_GEN, B_OUT = 0, 1, 2
+# A batch crossing into a kernel is one int64 array [3, B], rows BATCH_*: its
+# rows of the block table, their generations (-1: sequence ids, checked for
+# repeats instead) and room for the slots ``append`` hands out.
+BATCH_ROW, BATCH_GEN, BATCH_OUT = 0, 1, 2
 _INFO = 4             # status words at the head of ``info``; then the
                       # (row, length) pairs that ``append`` preempted
 
@@ -2309,6 +2309,7 @@ _S_NO_SPACE = -23     # info[0]: blocks needed, info[1]: free
 _S_GROW = -24         # info[0]: table columns needed; retried after growing
 _S_BAD_SLOT = -25     # info[0]: index of a slot no live token owns
 _S_BAD_QLEN = -26     # info[0]: index of a bad q_len, or -1 (sum != T, in info[1])
+_S_SHARED_SLOT = -27  # info[0]: index of a slot in a shared block, info[1]: its holders
 
 _F16_TABLE = None     # float16 bits -> float32, built on first use
 
@@ -2339,7 +2340,7 @@ def _check_rows(lens, rowinfo, batch, info):
     ``SeqRows``, whose rows are distinct by construction), of that
     generation; else no row twice (found by marking, then unmarked). On
     failure ``info[0]`` is the bad index. Leaves nothing marked."""
-    rows, gens = batch[B_ROW], batch[B_GEN]
+    rows, gens = batch[BATCH_ROW], batch[BATCH_GEN]
     n = rows.shape[0]
     check_gen = n > 0 and gens[0] >= 0
     status = OK
@@ -2393,9 +2394,10 @@ def _unmark(rowinfo, rows):
 #
 # The prefix state is one int64 array (fewer arguments across the boundary):
 #
-#   px  | counters (16) | per block [n, 6]: ref, hash, parent hash, next and
-#       prev in its class, depth (-1: not findable) | table keys (cap) |
-#       table values (cap): the oldest block of the class, -1 empty |
+#   px  | counters (16, P_*) | per block [n, 6] (columns B_*): ref, hash,
+#       parent hash, next and prev in its class, depth (-1: not findable) |
+#       table keys (cap) | table values (cap): the oldest block of the
+#       class, -1 empty |
 #
 # The table is open addressing with linear probing, capacity a power of two
 # >= 2n (a load of at most 1/2), and backward-shift deletion (no
@@ -2406,6 +2408,7 @@ def _unmark(rowinfo, rows):
 P_N, P_CAP, P_ON, P_MASK, P_REQS, P_QUERIES, P_HITS, P_COW = range(8)
 P_SPLIT = 8          # partial blocks held more than once (0: no copy can be
 _P_HEAD = 16         # due, and the decode step reads no reference counts)
+# Columns of the per-block part of ``px``.
 B_REF, B_HASH, B_PHASH, B_NEXT, B_PREV, B_DEPTH = range(6)
 _B_COLS = 6
 _ROOT_HASH = 0x6B76706F6F6C      # the parent hash of a sequence's first block
@@ -2691,13 +2694,13 @@ def _append_need(tables, lens, rowinfo, px, blk, bt, rows, scratch):
 def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
                   tokens, preempt, info):
     """One token per row: reserve its slot (a new block when the last is
-    full, a copy when it is shared) into ``batch[B_OUT]``. Short of blocks:
+    full, a copy when it is shared) into ``batch[BATCH_OUT]``. Short of blocks:
     ``_S_NO_SPACE``, or with ``preempt`` free the newest sequences
     (``info[_INFO:]``: row, length, blocks freed; ``info[2]``: how many)
     until the rest fit; a preempted row's slot is -1. Blocks that fill
     become findable."""
     state = _state_of(meta)
-    rows, out, pre = batch[B_ROW], batch[B_OUT], info[_INFO:]
+    rows, out, pre = batch[BATCH_ROW], batch[BATCH_OUT], info[_INFO:]
     n = rows.shape[0]
     info[2] = 0
     status = _check_rows(lens, rowinfo, batch, info)
@@ -2857,15 +2860,15 @@ def _paged_extend(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, row,
 
 @njit(cache=True)
 def _paged_remove(tables, lens, fill, rowinfo, meta, px, bt, batch, info):
-    """Free whole rows, in order (blocks freed per row into ``batch[B_OUT]``);
+    """Free whole rows, in order (blocks freed per row into ``batch[BATCH_OUT]``);
     ``OK`` or a status, freeing nothing."""
     status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status
     state = _state_of(meta)
-    rows = batch[B_ROW]
+    rows = batch[BATCH_ROW]
     for i in range(rows.shape[0]):
-        batch[B_OUT, i] = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt,
+        batch[BATCH_OUT, i] = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt,
                                        rows[i])
     return OK
 
@@ -2920,7 +2923,7 @@ def _paged_width(lens, rowinfo, bt, batch, info):
     status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status
-    rows = batch[B_ROW]
+    rows = batch[BATCH_ROW]
     longest = 0
     for i in range(rows.shape[0]):
         longest = max(longest, lens[rows[i]])
@@ -2931,7 +2934,7 @@ def _paged_width(lens, rowinfo, bt, batch, info):
 def _paged_table(tables, lens, rowinfo, bt, batch, info):
     """(status, table, lens): copies of the rows' tables, padded with -1,
     and their lengths."""
-    rows = batch[B_ROW]
+    rows = batch[BATCH_ROW]
     n = rows.shape[0]
     width = _paged_width(lens, rowinfo, bt, batch, info)
     if width < 0:
@@ -2947,11 +2950,13 @@ def _paged_table(tables, lens, rowinfo, bt, batch, info):
 
 
 @njit(cache=True)
-def _paged_store(kv, fill, meta, bt, layers, layer, slots, k, v, info):
+def _paged_store(kv, fill, meta, blk, bt, layers, layer, slots, k, v, info):
     """Write rows of ``k`` and ``v`` (``[T, kv_heads * head_dim]``, the
-    cache's element type) at ``slots`` of ``layer``; checked first. A run of
-    consecutive slots within a block is one contiguous copy each for K and
-    V (a slot given twice: its last row wins, as in order)."""
+    cache's element type) at ``slots`` of ``layer``; checked first: each a
+    reserved slot (else ``_S_BAD_SLOT``) of a block held once (else
+    ``_S_SHARED_SLOT``). A run of consecutive slots within a block is one
+    contiguous copy each for K and V (a slot given twice: its last row
+    wins, as in order)."""
     state = _state_of(meta)
     nblk = state.shape[0]
     T = slots.shape[0]
@@ -2962,6 +2967,10 @@ def _paged_store(kv, fill, meta, bt, layers, layer, slots, k, v, info):
         if s < 0 or b >= nblk or state[b] != HELD or s - b * bt >= fill[b]:
             info[0] = i
             return _S_BAD_SLOT
+        if blk[b, B_REF] > 1:
+            info[0] = i
+            info[1] = blk[b, B_REF]
+            return _S_SHARED_SLOT
     kf, vf = k.reshape(T * e), v.reshape(T * e)
     i = 0
     while i < T:
@@ -2987,7 +2996,7 @@ def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, batch,
                   info):
     """(status, k, v, lens): the rows' K and V of ``layer`` as
     ``[B, longest, e]`` copies, zero-padded, and their lengths."""
-    rows = batch[B_ROW]
+    rows = batch[BATCH_ROW]
     n = rows.shape[0]
     status = _check_rows(lens, rowinfo, batch, info)
     width = 0
@@ -3016,7 +3025,7 @@ def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
     """(status, out): causal attention of ``q`` (float32 ``[T, q_heads,
     head_dim]``, ``qlens[i]`` queries per row, each row's last tokens) over
     the rows' stored K and V; float32 throughout, softmax per query."""
-    rows = batch[B_ROW]
+    rows = batch[BATCH_ROW]
     n = rows.shape[0]
     T, qh, hd = q.shape[0], q.shape[1], q.shape[2]
     out = np.zeros((T, qh, hd), np.float32)
@@ -3344,7 +3353,7 @@ class PagedKVCache:
 
     def _rows(self, seqs):
         """(batch, ids): the int64 ``[3, B]`` batch array of ``seqs`` (a
-        ``SeqRows`` or sequence ids; see ``B_ROW``) and the ids for messages."""
+        ``SeqRows`` or sequence ids; see ``BATCH_ROW``) and the ids for messages."""
         if type(seqs) is SeqRows:
             if seqs._cache is not self:
                 raise ValueError("these rows belong to another cache")
@@ -3355,12 +3364,13 @@ class PagedKVCache:
         ids = seqs if type(seqs) is list else list(seqs)
         batch = np.empty((3, len(ids)), np.int64)
         try:
-            batch[B_ROW] = np.fromiter(map(self._row_of.__getitem__, ids), np.int64, len(ids))
+            batch[BATCH_ROW] = np.fromiter(map(self._row_of.__getitem__, ids), np.int64,
+                                           len(ids))
         except (KeyError, TypeError):
             for s in ids:
                 self._row(s)        # raises, naming the first unknown id
             raise
-        batch[B_GEN] = -1
+        batch[BATCH_GEN] = -1
         return batch, ids
 
     def _ints(self, values, name, n=None):
@@ -3516,18 +3526,29 @@ class PagedKVCache:
         tokens and K/V, by reference); whichever appends first to a shared
         last block copies it. Raises ``KeyError`` for an unknown parent or a
         live child. One compiled call, O(blocks)."""
-        src = self._row(parent)
-        try:
-            live = child in self._row_of
-        except TypeError:
+        row_of = self._row_of                  # the steps of _row, _new_row
+        try:                                   # and _bind, inlined: a fork
+            src = row_of[parent]               # is a handful of dict and set
+            live = child in row_of             # operations and one call
+        except (KeyError, TypeError):
+            self._row(parent)                  # raises, naming the parent
             raise TypeError(f"sequence id {child!r} is not hashable") from None
         if live:
             raise KeyError(f"sequence {child!r} is already in the cache")
-        dst = self._new_row()
-        self._kernel("fork", _paged_fork, (self._tables, self._lens, self._rowinfo,
-                                           self._px, self.block_tokens, src, dst,
-                                           self._stamp))
-        self._bind(child, dst)
+        free = self._free_rows
+        if not free:
+            self._grow_rows()
+        dst = min(free)
+        fn = self._fn.get("fork")
+        if fn is None:
+            fn = self._fn["fork"] = _compiled(_paged_fork, *(numba.typeof(a) for a in (
+                self._tables, self._lens, self._rowinfo, self._px, 1, 1, 1, 1)))
+        fn(self._tables, self._lens, self._rowinfo, self._px, self.block_tokens, src, dst,
+           self._stamp)
+        free.discard(dst)
+        row_of[child] = dst
+        self._seq_of[dst] = child
+        self._stamp += 1
 
     def reset_prefix_cache(self):
         """Forget every cached hash: True, or False (refused, nothing
@@ -3579,7 +3600,7 @@ class PagedKVCache:
             reports = self._evicted(list(zip(pre[::3], pre[1::3], pre[2::3])), "preempt")
             if reports:
                 self._deliver(reports)
-        return batch[B_OUT]
+        return batch[BATCH_OUT]
 
     def remove(self, seq):
         """Free a sequence's blocks."""
@@ -3590,7 +3611,7 @@ class PagedKVCache:
         first (a block no one else holds joins the free list's tail);
         all-or-nothing. One compiled call, O(B + blocks)."""
         batch, ids = self._rows(list(seqs) if type(seqs) is SeqRows else seqs)
-        rows = batch[B_ROW]
+        rows = batch[BATCH_ROW]
         lengths = self._lens[rows].tolist() if self._listeners else None
         status = self._kernel("remove", _paged_remove, (
             self._tables, self._lens, self._fill, self._rowinfo, self._meta,
@@ -3598,7 +3619,7 @@ class PagedKVCache:
         if status != OK:
             self._raise(status, ids)
         reports = self._evicted(list(zip(rows.tolist(), lengths or [0] * len(ids),
-                                         batch[B_OUT].tolist())), "remove")
+                                         batch[BATCH_OUT].tolist())), "remove")
         if reports:
             self._deliver(reports)
 
@@ -3608,7 +3629,7 @@ class PagedKVCache:
         lookups, and ``block_table`` returns views. Rows move by swapping
         (handles of moved sequences go stale). One compiled call, O(B)."""
         ids = list(seqs)
-        rows = self._rows(ids)[0][B_ROW]
+        rows = self._rows(ids)[0][BATCH_ROW]
         if len(set(rows.tolist())) != len(ids):
             seen = set()
             for s in ids:
@@ -3634,8 +3655,8 @@ class PagedKVCache:
                                                np.array(pairs, np.int64)))
         n = len(ids)
         batch = np.zeros((3, n), np.int64)
-        batch[B_ROW] = np.arange(n)
-        batch[B_GEN] = self._rowinfo[:n, R_GEN]
+        batch[BATCH_ROW] = np.arange(n)
+        batch[BATCH_GEN] = self._rowinfo[:n, R_GEN]
         return SeqRows(tuple(ids), batch, self)
 
     def __len__(self):
@@ -3660,7 +3681,7 @@ class PagedKVCache:
         n = _as_int(n, "n")
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
-        rows = self._rows(seqs)[0][B_ROW]
+        rows = self._rows(seqs)[0][BATCH_ROW]
         lens = self._lens[rows].astype(np.int64)
         bt = self.block_tokens
         need = int((-(-(lens + n) // bt) - (-(-lens // bt))).sum())
@@ -3688,20 +3709,37 @@ class PagedKVCache:
 
     def store(self, layer, slots, k, v):
         """Write ``k`` and ``v`` (``[T, kv_heads, head_dim]``, converted to
-        the cache's dtype) of ``layer`` at ``slots``, each a reserved slot
-        of a live sequence (a slot given twice gets its last row). One
-        compiled call, O(T * kv_heads * head_dim)."""
+        the cache's dtype) of ``layer`` at ``slots`` (a slot given twice gets
+        its last row). All-or-nothing; ``ValueError`` naming the first bad
+        slot. One compiled call, O(T * kv_heads * head_dim).
+
+        Each slot must be a reserved slot of a live sequence, in a block that
+        only one sequence holds (reference count 1). A shared block, after
+        ``fork`` or a prefix hit on a live sequence's blocks, is refused:
+        writing it would change the other holders' K/V. Appending to a
+        shared last block copies it first, so a decode step's new slots are
+        always writable; a prefix hit's covered slots need no K/V (they are
+        cached). A full block that is findable in the prefix cache but held
+        only by its owner stays writable: a block becomes findable the
+        moment it fills (in ``append`` or ``extend``), before its owner has
+        stored the K/V of the tokens that filled it. Store each step's K/V
+        before the next ``add`` or ``fork``, which could share that block."""
         layer = self._layer(layer)
         slots = self._ints(slots, "slots")
         n = slots.shape[0]
         k = self._kv_rows(k, "k", n)
         v = self._kv_rows(v, "v", n)
         fn = self._fn.get("store")
-        args = (self._bits, self._fill, self._meta, self.block_tokens,
+        args = (self._bits, self._fill, self._meta, self._blk, self.block_tokens,
                 self.layers, layer, slots, k, v, self._info)
         status = fn(*args) if fn is not None else self._kernel("store", _paged_store, args)
         if status != OK:
             i = int(self._info[0])
+            if status == _S_SHARED_SLOT:
+                raise ValueError(
+                    f"slot {slots[i]} (index {i}) is in block {slots[i] // self.block_tokens}, "
+                    f"shared by {int(self._info[1])} sequences; writing it would "
+                    "change their K/V")
             raise ValueError(f"slot {slots[i]} (index {i}) is not a reserved "
                              "slot of a live sequence")
 
@@ -3779,7 +3817,7 @@ class PagedKVCache:
                 raise ValueError(f"q_lens sum to {int(self._info[1])}, but q "
                                  f"holds {q.shape[0]} tokens")
             raise ValueError(f"q_lens[{i}] = {qlens[i]} is not within the "
-                             f"sequence's {int(self._lens[batch[B_ROW, i]])} tokens")
+                             f"sequence's {int(self._lens[batch[BATCH_ROW, i]])} tokens")
         if status != OK:
             self._raise(status, ids)
         return out
