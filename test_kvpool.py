@@ -28,6 +28,7 @@ import os
 import pathlib
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -3798,8 +3799,15 @@ class PagedMachine(RuleBasedStateMachine):
         slots = self.c.slots(seq, start, stop)
         k = self.rng.standard_normal((len(slots), 2, 2))      # float64: converted
         v = self.rng.standard_normal((len(slots), 2, 2))
-        self.c.store(layer, slots, k, v)
         bt = m.bt
+        shared = [i for i, s in enumerate(slots.tolist()) if m.ref[s // bt] > 1]
+        if shared:                      # a block other sequences hold too
+            i = shared[0]
+            with pytest.raises(ValueError, match=re.escape(
+                    f"slot {slots[i]} (index {i})")):
+                self.c.store(layer, slots, k, v)
+            return
+        self.c.store(layer, slots, k, v)
         for i, s in enumerate(slots.tolist()):
             m.kv[s // bt, layer, 0, s % bt] = k[i]
             m.kv[s // bt, layer, 1, s % bt] = v[i]
@@ -3874,10 +3882,10 @@ def test_paged_attention_matches_numpy(seed, dtype, kvh, group, hd, bt):
     c = PagedKVCache(64, bt, layers=2, kv_heads=kvh, head_dim=hd, dtype=dtype)
     lengths = rng.integers(1, 12, rng.integers(1, 5)).tolist()   # includes 1-token sequences
     for i, n in enumerate(lengths):
-        c.add(i, rng.integers(0, 100, n))
-        for layer in range(2):
-            c.store(layer, c.slots(i), rng.standard_normal((n, kvh, hd)),
-                    rng.standard_normal((n, kvh, hd)))
+        covered = c.add(i, rng.integers(0, 100, n))   # a prefix hit is shared:
+        for layer in range(2):                        # store only the rest
+            c.store(layer, c.slots(i, covered), rng.standard_normal((n - covered, kvh, hd)),
+                    rng.standard_normal((n - covered, kvh, hd)))
     seqs = list(range(len(lengths)))
     rng.shuffle(seqs)
     qlens = [int(rng.integers(0, lengths[s] + 1)) for s in seqs]
@@ -4425,3 +4433,183 @@ def test_paged_differential_against_vllm_rules():
         for s, (tokens, table, _) in m.seqs.items():
             assert table_of(c, s)[:len(table)].tolist() == table
         assert m.hits > 0 and m.copies > 0
+
+
+# -- store's sharing rule: shared blocks refuse writes -------------------------------------------------------------------
+
+def _kv_like(n, value, c):
+    return np.full((n, c.kv_heads, c.head_dim), value, np.float64)
+
+
+def _refused_store(c, layer, slots, k, v, index):
+    """``store`` raises ValueError naming ``slots[index]``, changing nothing."""
+    before = snapshot(c)
+    with pytest.raises(ValueError, match=re.escape(f"slot {slots[index]} (index {index})")
+                       + ".*shared by"):
+        c.store(layer, slots, k, v)
+    assert_unchanged(c, before)
+
+
+def _ref_of(c, slot):
+    return int(ref_counts(c)[slot // c.block_tokens])
+
+
+# -- fork and copy-on-write ----------------------------------------------------
+
+def test_paged_store_into_a_forked_sequence_is_refused_until_copied():
+    c = paged_cache(num_blocks=20)
+    c.add("p", list(range(10)))                   # blocks of 4, 4, 2 tokens
+    c.store(0, c.slots("p"), _kv_like(10, 1.0, c), _kv_like(10, 2.0, c))
+    c.fork("p", "c")
+    for seq in ("p", "c"):                        # every block is shared
+        slots = c.slots(seq)
+        _refused_store(c, 0, slots, _kv_like(10, 5.0, c), _kv_like(10, 6.0, c), 0)
+        _refused_store(c, 1, slots[9:], _kv_like(1, 5.0, c), _kv_like(1, 6.0, c), 0)
+    # a good slot first does not make the batch pass: nothing is written
+    c.add("x", [50, 51])
+    mixed = np.concatenate([c.slots("x"), c.slots("c")[4:6]])
+    _refused_store(c, 0, mixed, _kv_like(4, 5.0, c), _kv_like(4, 6.0, c), 2)
+    assert not np.any(c.kv[c.slots("x") // 4, 0, :, c.slots("x") % 4])
+    # the child appends: its shared partial block is copied, then writable
+    new = int(c.append(["c"], [99])[0])
+    assert c.stats.cow_copies == 1 and _ref_of(c, new) == 1
+    c.store(0, [new], _kv_like(1, 7.0, c), _kv_like(1, 8.0, c))
+    assert np.all(c.kv[new // 4, 0, 0, new % 4] == 7.0)
+    assert np.all(c.kv[new // 4, 0, 1, new % 4] == 8.0)
+    # the copy's earlier slots are the child's own now; so is the parent's
+    # old last block (held once again); the full blocks stay shared
+    c.store(1, c.slots("c", 8, 10), _kv_like(2, 3.0, c), _kv_like(2, 4.0, c))
+    c.store(1, c.slots("p", 8, 10), _kv_like(2, -3.0, c), _kv_like(2, -4.0, c))
+    assert np.all(c.gather(1, ["c"])[0][0, 8:10] == 3.0)
+    assert np.all(c.gather(1, ["p"])[0][0, 8:10] == -3.0)
+    _refused_store(c, 1, c.slots("c", 0, 8), _kv_like(8, 0.0, c), _kv_like(8, 0.0, c), 0)
+    c.check_invariants()
+
+
+def test_paged_removing_the_other_holder_makes_a_block_writable():
+    c = paged_cache()
+    c.add("p", [1, 2, 3, 4, 5])
+    c.fork("p", "c")
+    slots = c.slots("c")
+    _refused_store(c, 0, slots, _kv_like(5, 1.0, c), _kv_like(5, 1.0, c), 0)
+    c.remove("p")
+    c.store(0, slots, _kv_like(5, 1.0, c), _kv_like(5, 2.0, c))
+    assert np.all(c.gather(0, ["c"])[1] == 2.0)
+    c.check_invariants()
+
+
+def test_paged_the_refusal_message_names_the_block_and_its_holders():
+    c = paged_cache(block_tokens=2)
+    c.add("p", [1, 2, 3])                          # blocks 0 (slots 0, 1) and 1
+    c.fork("p", "a")
+    c.fork("p", "b")
+    c.add("x", [9])                                # block 2: slot 4, its own
+    assert c.slots("x").tolist() == [4] and c.slots("a").tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"^slot 2 \(index 1\) is in block 1, shared by 3 "
+                                         r"sequences; writing it would change their K/V$"):
+        c.store(0, [4, 2], _kv_like(2, 1.0, c), _kv_like(2, 1.0, c))
+    with pytest.raises(ValueError, match=r"^slot 7 \(index 1\) is not a reserved slot"):
+        c.store(0, [4, 7, 2], _kv_like(3, 1.0, c), _kv_like(3, 1.0, c))    # the first bad one
+    assert not np.any(c.kv[2])
+
+
+def test_paged_fork_refuses_bad_ids_changing_nothing():
+    c = paged_cache()
+    c.add("p", [1, 2, 3])
+    c.add("q", [4])
+    for parent, child, error, text in (
+            ("nope", "c", KeyError, "no sequence 'nope'"),
+            ([1], "c", TypeError, r"sequence id \[1\] is not hashable"),
+            ("p", [2], TypeError, r"sequence id \[2\] is not hashable"),
+            ("p", "q", KeyError, "sequence 'q' is already in the cache"),
+            ("nope", [2], KeyError, "no sequence 'nope'")):   # the parent first
+        before = snapshot(c)
+        with pytest.raises(error, match=text):
+            c.fork(parent, child)
+        assert snapshot(c) == before and sorted(c._free_rows) == list(range(2, 8))
+
+
+def test_paged_forks_take_the_lowest_free_row_and_grow_the_rows():
+    c = paged_cache(num_blocks=40)
+    c.add("p", [1, 2, 3, 4, 5])
+    for i in range(20):                            # 8 rows, then 16, then 32
+        c.fork("p", i)
+        assert c._row_of[i] == i + 1
+    c.remove_many([3, 7])
+    c.fork("p", "x")
+    c.fork(5, "y")
+    assert (c._row_of["x"], c._row_of["y"]) == (4, 8)
+    assert c.length("y") == 5 and c.stats.shared_blocks == 2
+    c.check_invariants()
+
+
+# -- the prefix cache ------------------------------------------------------------
+
+def test_paged_a_prefix_hits_covered_slots_are_refused_the_rest_written():
+    c = paged_cache(num_blocks=20)
+    prompt = list(range(100, 110))
+    c.add("a", prompt)
+    c.store(0, c.slots("a"), _kv_like(10, 1.0, c), _kv_like(10, 2.0, c))
+    covered = c.add("b", prompt + [7, 8])
+    assert covered == 8                            # two full blocks, shared
+    slots = c.slots("b")
+    assert [_ref_of(c, s) for s in slots[:covered]] == [2] * covered
+    for i in range(covered):
+        _refused_store(c, 0, slots[i:], _kv_like(12 - i, 5.0, c), _kv_like(12 - i, 6.0, c), 0)
+    _refused_store(c, 0, slots[[9, 3]], _kv_like(2, 5.0, c), _kv_like(2, 6.0, c), 1)
+    c.store(0, slots[covered:], _kv_like(4, 3.0, c), _kv_like(4, 4.0, c))    # the computed rest
+    k, v, _ = c.gather(0, ["b"])
+    assert np.all(k[0, :covered] == 1.0) and np.all(k[0, covered:] == 3.0)
+    assert np.all(v[0, :covered] == 2.0) and np.all(v[0, covered:] == 4.0)
+    k, _, _ = c.gather(0, ["a"])
+    assert np.all(k[0] == 1.0)                     # the source is untouched
+    c.check_invariants()
+
+
+def test_paged_a_hit_on_a_freed_block_is_held_once_and_writable():
+    """A cached free block taken back by a hit is its new owner's alone."""
+    c = paged_cache(num_blocks=20)
+    c.add("a", list(range(9)))
+    c.store(0, c.slots("a"), _kv_like(9, 1.0, c), _kv_like(9, 1.0, c))
+    c.remove("a")
+    assert c.add("b", list(range(9))) == 8
+    slots = c.slots("b")
+    assert [_ref_of(c, s) for s in slots[:8]] == [1] * 8
+    c.store(0, slots, _kv_like(9, 1.0, c), _kv_like(9, 1.0, c))
+    c.check_invariants()
+
+
+def test_paged_a_block_that_fills_in_decode_stays_writable_for_its_owner():
+    c = paged_cache(num_blocks=20)
+    c.add("a", [1, 2, 3])
+    c.store(0, c.slots("a"), _kv_like(3, 1.0, c), _kv_like(3, 1.0, c))
+    s = c.append(["a"], [4])                       # fills block 0: findable
+    b = int(s[0]) // 4
+    assert c._blk[b, kvpool.B_DEPTH] == 0 and _ref_of(c, int(s[0])) == 1
+    c.store(0, s, _kv_like(1, 9.0, c), _kv_like(1, 9.0, c))
+    c.store(1, c.slots("a"), _kv_like(4, 9.0, c), _kv_like(4, 9.0, c))
+    assert c.add("b", [1, 2, 3, 4, 5]) == 4        # and shared from now on
+    _refused_store(c, 0, s, _kv_like(1, 0.0, c), _kv_like(1, 0.0, c), 0)
+    c.check_invariants()
+
+
+def test_paged_an_add_between_append_and_store_shares_the_block_first():
+    """The documented order: store a step's K/V before the next add, or
+    the add may share the block that step filled and the store is refused."""
+    c = paged_cache(num_blocks=20)
+    c.add("a", [1, 2, 3])
+    s = c.append(["a"], [4])
+    assert c.add("b", [1, 2, 3, 4, 5]) == 4
+    _refused_store(c, 0, s, _kv_like(1, 1.0, c), _kv_like(1, 1.0, c), 0)
+
+
+def test_paged_extend_fills_blocks_that_stay_writable():
+    c = paged_cache(num_blocks=20)
+    c.add("a", [1])
+    slots = c.extend("a", list(range(2, 12)))      # chunked prefill
+    assert (c._blk[:, kvpool.B_DEPTH] >= 0).sum() == 2
+    c.store(0, np.concatenate([c.slots("a", 0, 1), slots]), _kv_like(11, 1.0, c), _kv_like(11, 1.0, c))
+    c.check_invariants()
+
+
+# -- the state machine, with the sharing rule ---------------------------------
