@@ -643,11 +643,11 @@ def readme_blocks():
 
 def test_readme_examples_run():
     # the manager's two examples and the pool's compiled loop; the paged
-    # cache's decode loop (the third block) runs in its own room
+    # cache's decode loop and sharing example run in their own rooms
     blocks = readme_blocks()
-    assert len(blocks) == 4 and "PagedKVCache" in blocks[2]
+    assert len(blocks) == 5 and all("PagedKVCache" in b for b in blocks[2:4])
     namespace = {}
-    for i in (0, 1, 3):
+    for i in (0, 1, 4):
         exec(compile(blocks[i], f"README block {i}", "exec"), namespace)
     assert namespace["simulate"](namespace["pool"], 10) == 1   # FIFO: 0 is held
 
@@ -4613,3 +4613,16 @@ def test_paged_extend_fills_blocks_that_stay_writable():
 
 
 # -- the state machine, with the sharing rule ---------------------------------
+
+
+def test_paged_readme_sharing_example():
+    printed = []
+    env = {"print": printed.append}
+    exec(compile(readme_blocks()[3], "README sharing example", "exec"), env)
+    c = env["c"]
+    assert env["covered"] == 32 and len(printed) == 2
+    assert str(printed[0]).startswith("slot 0 (index 0) is in block 0, shared "
+                                      "by 3 sequences")
+    assert printed[1] is False
+    assert c.stats.cow_copies == 1 and c.stats.prefix_hits == 32
+    c.check_invariants()
