@@ -163,10 +163,19 @@ def _state_of(meta):
 
 @njit(cache=True)
 def _parts(state, meta):
-    """The ring, link and counter views of ``meta``."""
+    """The ring and link views of ``meta`` (the counters are read from
+    ``meta`` itself: its first words; kernels make as few views as they
+    can, since each costs a reference count inside a compiled loop)."""
     n = state.shape[0]
     return (meta[_N_COUNTERS:_N_COUNTERS + n],
-            meta[_N_COUNTERS + n:_N_COUNTERS + 2 * n], meta[:_N_COUNTERS])
+            meta[_N_COUNTERS + n:_N_COUNTERS + 2 * n])
+
+
+@njit(cache=True)
+def _link_of(state, meta):
+    """The link view of ``meta`` alone."""
+    n = state.shape[0]
+    return meta[_N_COUNTERS + n:_N_COUNTERS + 2 * n]
 
 
 @njit(cache=True)
@@ -187,14 +196,13 @@ def _take(state, meta, out, mark):
     """Fill ``out`` with the next ``len(out)`` ids in allocation order (the
     oldest freed first, then never-used ids in increasing order) and mark
     them ``mark``. The caller has checked that enough are free."""
-    ring, link, ctr = _parts(state, meta)
     total = state.shape[0]
-    head = ctr[C_HEAD]
-    count = ctr[C_COUNT]
-    bump = ctr[C_BUMP]
+    head = meta[C_HEAD]
+    count = meta[C_COUNT]
+    bump = meta[C_BUMP]
     for i in range(out.shape[0]):
         if count > 0:
-            block = ring[head]
+            block = meta[_N_COUNTERS + head]
             head = head + 1 if head + 1 < total else 0
             count -= 1
         else:
@@ -202,31 +210,30 @@ def _take(state, meta, out, mark):
             bump += 1
         out[i] = block
         state[block] = mark
-    ctr[C_HEAD] = head
-    ctr[C_COUNT] = count
-    ctr[C_BUMP] = bump
-    _note_peak(ctr)
+    meta[C_HEAD] = head
+    meta[C_COUNT] = count
+    meta[C_BUMP] = bump
+    _note_peak(meta)
 
 
 @njit(cache=True)
-def _note_peak(ctr):
-    if ctr[C_BUMP] - ctr[C_COUNT] > ctr[C_PEAK]:
-        ctr[C_PEAK] = ctr[C_BUMP] - ctr[C_COUNT]
+def _note_peak(meta):
+    if meta[C_BUMP] - meta[C_COUNT] > meta[C_PEAK]:
+        meta[C_PEAK] = meta[C_BUMP] - meta[C_COUNT]
 
 
 @njit(cache=True)
 def _put(state, meta, ids):
     """Append ``ids`` (checked by the caller) to the ring tail in order,
     marked FREE."""
-    ring, link, ctr = _parts(state, meta)
     total = state.shape[0]
-    count = ctr[C_COUNT]
-    at = _tail(total, ctr[C_HEAD], count)
+    count = meta[C_COUNT]
+    at = _tail(total, meta[C_HEAD], count)
     for i in range(ids.shape[0]):
-        ring[at] = ids[i]
+        meta[_N_COUNTERS + at] = ids[i]
         state[ids[i]] = FREE
         at = at + 1 if at + 1 < total else 0
-    ctr[C_COUNT] = count + ids.shape[0]
+    meta[C_COUNT] = count + ids.shape[0]
 
 
 @njit(cache=True)
@@ -362,7 +369,7 @@ def _chain_blocks(meta, head, n):
     bad link or state (so a short result means a broken chain)."""
     state = _state_of(meta)
     out = np.empty(max(min(n, state.shape[0]), 0), np.int64)
-    return out[:_walk(state, _parts(state, meta)[1], head, n, out, 0)[0]]
+    return out[:_walk(state, _link_of(state, meta), head, n, out, 0)[0]]
 
 
 @njit(cache=True)
@@ -391,7 +398,7 @@ def _alloc_chains(arena, meta, counts, zero):
         need += counts[k]
     ids = np.empty(need, np.int64)
     _take(state, meta, ids, LINK)
-    link = _parts(state, meta)[1]
+    link = _link_of(state, meta)
     heads = np.empty(m, np.int64)
     pos = 0
     for k in range(m):
@@ -411,7 +418,7 @@ def _alloc_chain(arena, meta, n, zero):
         return NO_BLOCK
     ids = np.empty(n, np.int64)
     _take(state, meta, ids, LINK)
-    _link_run(state, _parts(state, meta)[1], ids, 0, n, HEAD)
+    _link_run(state, _link_of(state, meta), ids, 0, n, HEAD)
     if zero:
         _zero(arena, meta[C_BLOCK_SIZE], ids, 0)
     return ids[0]
@@ -425,10 +432,10 @@ def _free_chains(meta, heads):
     share a block. One walk per chain, staging the ids in the ring's unused
     slots past the tail (a refused call may leave ids there, nothing else)."""
     state = _state_of(meta)
-    ring, link, ctr = _parts(state, meta)
+    ring, link = _parts(state, meta)
     total = state.shape[0]
-    count = ctr[C_COUNT]
-    start = _tail(total, ctr[C_HEAD], count)
+    count = meta[C_COUNT]
+    start = _tail(total, meta[C_HEAD], count)
     at = start
     done = 0
     for k in range(heads.shape[0]):
@@ -447,7 +454,7 @@ def _free_chains(meta, heads):
     ids = np.empty(done, np.int64)
     for i in range(done):
         ids[i] = ring[(start + i) % total]
-    ctr[C_COUNT] = count + done
+    meta[C_COUNT] = count + done
     return ids
 
 
@@ -457,18 +464,18 @@ def _free_chain(meta, head, n):
     order; ``OK``, or ``ERR_BAD_CHAIN`` (freeing nothing). One walk: the ids
     are written into the ring's unused slots past the tail, then counted in."""
     state = _state_of(meta)
-    ring, link, ctr = _parts(state, meta)
+    ring, link = _parts(state, meta)
     total = state.shape[0]
-    count = ctr[C_COUNT]
+    count = meta[C_COUNT]
     if n > total - count:               # more than the ring has room for
         return ERR_BAD_CHAIN            # (so more than are in use)
-    tail = _tail(total, ctr[C_HEAD], count)
+    tail = _tail(total, meta[C_HEAD], count)
     if not _is_chain(state, link, head, n, ring, tail):
         return ERR_BAD_CHAIN
     for i in range(n):
         state[ring[tail]] = FREE
         tail = tail + 1 if tail + 1 < total else 0
-    ctr[C_COUNT] = count + n
+    meta[C_COUNT] = count + n
     return OK
 
 
@@ -482,7 +489,7 @@ def _resize_chain(arena, meta, head, n_old, n_new, zero_from, zero):
     ``ERR_NO_SPACE``, ``ERR_RANGE`` or ``ERR_BAD_CHAIN`` (then nothing
     changed)."""
     state = _state_of(meta)
-    ring, link, ctr = _parts(state, meta)
+    link = _link_of(state, meta)
     ids = np.empty(max(min(n_old, state.shape[0]), 0), np.int64)
     if not _is_chain(state, link, head, n_old, ids, 0) or n_new < 1:
         return ERR_BAD_CHAIN
@@ -490,7 +497,7 @@ def _resize_chain(arena, meta, head, n_old, n_new, zero_from, zero):
         return ERR_RANGE
     if n_new - n_old > _free_count(state, meta):
         return ERR_NO_SPACE
-    bs = ctr[C_BLOCK_SIZE]
+    bs = meta[C_BLOCK_SIZE]
     if n_new > n_old:
         added = np.empty(n_new - n_old, np.int64)
         _take(state, meta, added, LINK)
@@ -510,10 +517,10 @@ def _resize_chain(arena, meta, head, n_old, n_new, zero_from, zero):
 def _span_status(state, meta, head, n, offset, size):
     """``OK`` if ``size`` bytes from ``offset`` lie inside the chain of ``n``
     blocks at ``head``, else ``ERR_BAD_CHAIN`` or ``ERR_RANGE``."""
-    ring, link, ctr = _parts(state, meta)
-    if not _is_chain(state, link, head, n, ring[:0], 0):   # (records nothing)
+    link = _link_of(state, meta)
+    if not _is_chain(state, link, head, n, link[:0], 0):   # (records nothing)
         return ERR_BAD_CHAIN
-    if offset < 0 or offset > n * ctr[C_BLOCK_SIZE] - size:   # (no overflow)
+    if offset < 0 or offset > n * meta[C_BLOCK_SIZE] - size:   # (no overflow)
         return ERR_RANGE
     return OK
 
@@ -573,7 +580,7 @@ def _write_chain(arena, meta, head, n, offset, data):
         return status
     if _overlaps(arena, data):
         data = data.copy()
-    link, bs = _parts(state, meta)[1], meta[C_BLOCK_SIZE]
+    link, bs = _link_of(state, meta), meta[C_BLOCK_SIZE]
     b = _seek(link, bs, head, offset)
     within = offset % bs
     done = 0
@@ -595,7 +602,7 @@ def _read_chain(arena, meta, head, n, offset, out):
     if status != OK:
         return status
     into = np.empty(out.shape[0], np.uint8) if _overlaps(arena, out) else out
-    link, bs = _parts(state, meta)[1], meta[C_BLOCK_SIZE]
+    link, bs = _link_of(state, meta), meta[C_BLOCK_SIZE]
     b = _seek(link, bs, head, offset)
     within = offset % bs
     done = 0
@@ -1540,7 +1547,12 @@ class KVCacheManager:
                 n = -(-size // self._block_size)            # the common case
             else:
                 n, size = self._blocks_for(size)
-            self._check_new_key(key)
+            try:
+                live = key in self._cache       # (inline: the common case)
+            except TypeError:
+                live = True
+            if live:
+                self._check_new_key(key)        # raises, naming the key
             head = _K["alloc_chain"](self._arena, self._meta, n, self._zero)
             reports = None
             if head < 0:
@@ -1625,12 +1637,14 @@ class KVCacheManager:
             n_old = entry.n_blocks
             reports = None
             if n_new != n_old or (self._zero and new_size < entry.size):
-                args = (self._arena, self._meta, entry.block, n_old, n_new,
-                        min(entry.size, new_size), self._zero)
-                status = _K["resize_chain"](*args)
+                resize = _K["resize_chain"]
+                cut = min(entry.size, new_size)
+                status = resize(self._arena, self._meta, entry.block, n_old,
+                                n_new, cut, self._zero)
                 if status == ERR_NO_SPACE:
                     reports = self._make_room(n_new - n_old, entry)
-                    status = _K["resize_chain"](*args)
+                    status = resize(self._arena, self._meta, entry.block,
+                                    n_old, n_new, cut, self._zero)
                 assert status == OK, f"resize_chain failed with status {status}"
             self._used_memory += new_size - entry.size
             entry.size = new_size
@@ -2638,7 +2652,8 @@ def _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, r):
     """Drop row ``r``'s references, last block first (a block whose count
     reaches 0 joins the free list's tail, keeping its content and hash),
     clear the row and bump its generation; the number of blocks freed."""
-    ring, link, ctr = _parts(state, meta)
+    ring, link = _parts(state, meta)
+    ctr = meta[:_N_COUNTERS]
     blk = _px_parts(px)[0]
     freed = 0
     last = (lens[r] + bt - 1) // bt - 1
@@ -2715,7 +2730,8 @@ def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
         if L == col * bt and col >= tables.shape[1]:
             info[0] = col + 1
             return _S_GROW
-    ring, link, ctr = _parts(state, meta)
+    ring, link = _parts(state, meta)
+    ctr = meta[:_N_COUNTERS]
     parts = _px_parts(px)
     blk = parts[0]
     mask = px.view(np.uint64)[P_MASK]
@@ -2800,7 +2816,8 @@ def _paged_extend(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, row,
     if total > tables.shape[1]:
         info[0] = total
         return _S_GROW
-    ring, link, ctr = _parts(state, meta)
+    ring, link = _parts(state, meta)
+    ctr = meta[:_N_COUNTERS]
     parts = _px_parts(px)
     blk = parts[0]
     mask = px.view(np.uint64)[P_MASK]
