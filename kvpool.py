@@ -1043,8 +1043,15 @@ class KVPoolEntry:
                 f"{', pinned' if self.pinned else ''})")
 
 
+class _Snapshot:
+    """A frozen dataclass of plain values, with a dict form for JSON."""
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class PoolStats:
+class PoolStats(_Snapshot):
     """A snapshot of a manager's statistics.
 
     total_capacity     usable bytes: total_blocks * block_size
@@ -1082,9 +1089,6 @@ class PoolStats:
     hits: int
     misses: int
     pinned_entries: int
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3127,7 +3131,7 @@ def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
 
 
 @dataclasses.dataclass(frozen=True)
-class PagedStats:
+class PagedStats(_Snapshot):
     """A snapshot of a paged cache's statistics.
 
     num_blocks         blocks in the arena
@@ -3166,9 +3170,6 @@ class PagedStats:
     cached_blocks: int
     shared_blocks: int
     cow_copies: int
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
