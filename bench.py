@@ -1253,7 +1253,9 @@ class PagedPeer:
 
 
 def paged_bookkeeping(cfg):
-    """Row paged-bookkeeping: ``append`` + ``block_table`` per decode step
+    """Rows paged-bookkeeping (prefix caching off: the peer keeps no prefix
+    cache, so this is the same work) and paged-bookkeeping-prefix (on, the
+    default, informational): ``append`` + ``block_table`` per decode step
     for 256 sequences (a ``SeqRows`` handle) against ``PagedPeer``."""
     B, bt, steps = 256, 16, cfg.paged_steps
     rng = np.random.default_rng(1)
@@ -1261,9 +1263,9 @@ def paged_bookkeeping(cfg):
     blocks = sum(-(-(len(p) + steps + 4) // bt) for p in prompts) + 8
     tokens = rng.integers(0, 1000, (steps + 3, B))
 
-    def make_kv():
+    def make_kv(prefix_caching=False):
         c = kvpool.PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,
-                                dtype=np.float32)
+                                dtype=np.float32, prefix_caching=prefix_caching)
         for i, p in enumerate(prompts):
             c.add(i, p)
         return c, c.rows(range(B))
@@ -1286,17 +1288,22 @@ def paged_bookkeeping(cfg):
             p.append(reqs, tokens[s])
             p.table[:B], p.lens[:B]
 
-    (c, rows), (p, reqs) = make_kv(), make_peer()          # the same work?
-    for s in range(steps, steps + 3):
-        assert np.array_equal(c.append(rows, tokens[s]), p.append(reqs, tokens[s]))
-        table, lens = c.block_table(rows)
-        assert np.array_equal(lens, p.lens[:B])
-        assert np.array_equal(table, p.table[:B, :table.shape[1]])
+    for prefix_caching in (False, True):                   # the same work?
+        (c, rows), (p, reqs) = make_kv(prefix_caching), make_peer()
+        for s in range(steps, steps + 3):
+            assert np.array_equal(c.append(rows, tokens[s]), p.append(reqs, tokens[s]))
+            table, lens = c.block_table(rows)
+            assert np.array_equal(lens, p.lens[:B])
+            assert np.array_equal(table, p.table[:B, :table.shape[1]])
     kv = timed(run_kv, steps, cfg.paged_repeats, setup=make_kv)
+    kv_prefix = timed(run_kv, steps, cfg.paged_repeats, setup=lambda: make_kv(True))
     peer = timed(run_peer, steps, cfg.paged_repeats, setup=make_peer)
     row("paged-bookkeeping", "12", f"decode step, {B} seqs: append+block_table", "us/step",
         kv, peer, "PagedPeer (vLLM-style)",
-        note="a SeqRows handle; tables identical to the peer's")
+        note="a SeqRows handle, prefix caching off as the peer; tables identical")
+    row("paged-bookkeeping-prefix", "12", "the same, prefix caching on (the default)",
+        "us/step", kv_prefix, peer, "PagedPeer (vLLM-style)",
+        note="informational: also hashes and registers each block that fills")
 
 
 def paged_decode(cfg):
