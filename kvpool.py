@@ -1123,6 +1123,22 @@ class EvictionReport:
         }
 
 
+def _deliver(listeners, reports):
+    """Hand each report to each listener (the manager's and the paged
+    cache's); a listener's exception propagates after the state change is
+    complete, and later reports are still sent."""
+    error = None
+    for report in reports:
+        for fn in list(listeners):
+            try:
+                fn(report)
+            except BaseException as exc:       # noqa: BLE001 - re-raised
+                if error is None:
+                    error = exc
+    if error is not None:
+        raise error
+
+
 # -- argument checks ---------------------------------------------------------
 
 def _as_int(value, name):
@@ -1574,7 +1590,7 @@ class KVCacheManager:
         finally:
             self._lock.release()
         if reports:
-            self._deliver(reports)
+            _deliver(self._listeners, reports)
         return entry
 
     def allocate_entries(self, keys, sizes):
@@ -1611,7 +1627,7 @@ class KVCacheManager:
                 f"active_entries={self._active_entries} != "
                 f"len(cache)={len(self._cache)}")
         if reports:
-            self._deliver(reports)
+            _deliver(self._listeners, reports)
         return entries
 
     def resize_entry(self, key, new_size):
@@ -1659,7 +1675,7 @@ class KVCacheManager:
         finally:
             self._lock.release()
         if reports:
-            self._deliver(reports)
+            _deliver(self._listeners, reports)
         return entry
 
     # removing ----------------------------------------------------------------
@@ -1682,7 +1698,7 @@ class KVCacheManager:
         finally:
             self._lock.release()
         if reports:
-            self._deliver(reports)
+            _deliver(self._listeners, reports)
         return entry
 
     def remove_cache_entries(self, keys):
@@ -1710,7 +1726,7 @@ class KVCacheManager:
                 found = [e for e in result if e is not None]
             reports = self._release(found, "manual")
         if reports:
-            self._deliver(reports)
+            _deliver(self._listeners, reports)
         return result
 
     def clear(self):
@@ -1718,7 +1734,7 @@ class KVCacheManager:
         with self._lock:
             reports = self._release(list(self._cache.values()), "clear")
         if reports:
-            self._deliver(reports)
+            _deliver(self._listeners, reports)
 
     def _make_room(self, need, keep):
         """The one eviction hook: free least recently used unpinned entries
@@ -1811,20 +1827,6 @@ class KVCacheManager:
                 self._listeners.remove(fn)
             except ValueError:
                 raise ValueError(f"{fn!r} is not a registered listener") from None
-
-    def _deliver(self, reports):
-        """Hand each report to each listener; a listener's exception propagates
-        after the state change is complete (later reports are still sent)."""
-        error = None
-        for report in reports:
-            for fn in list(self._listeners):
-                try:
-                    fn(report)
-                except BaseException as exc:       # noqa: BLE001 - re-raised
-                    if error is None:
-                        error = exc
-        if error is not None:
-            raise error
 
     # lookups and the mapping face ----------------------------------------------
 
@@ -3462,18 +3464,6 @@ class PagedKVCache:
             self._preemptions += len(triples)
         return reports
 
-    def _deliver(self, reports):
-        error = None
-        for report in reports:
-            for fn in list(self._listeners):
-                try:
-                    fn(report)
-                except BaseException as exc:       # noqa: BLE001 - re-raised
-                    if error is None:
-                        error = exc
-        if error is not None:
-            raise error
-
     def add_eviction_listener(self, fn):
         """Call ``fn(report)`` (a ``SequenceReport``) after every removal."""
         if not callable(fn):
@@ -3617,7 +3607,7 @@ class PagedKVCache:
             pre = info[_INFO:_INFO + 3 * int(info[2])].tolist()
             reports = self._evicted(list(zip(pre[::3], pre[1::3], pre[2::3])), "preempt")
             if reports:
-                self._deliver(reports)
+                _deliver(self._listeners, reports)
         return batch[BATCH_OUT]
 
     def remove(self, seq):
@@ -3639,7 +3629,7 @@ class PagedKVCache:
         reports = self._evicted(list(zip(rows.tolist(), lengths or [0] * len(ids),
                                          batch[BATCH_OUT].tolist())), "remove")
         if reports:
-            self._deliver(reports)
+            _deliver(self._listeners, reports)
 
     def rows(self, seqs):
         """Put ``seqs`` in rows 0..B-1 of the block table, in this order, and
