@@ -951,6 +951,828 @@ class _Kernels(dict):
 _K = _Kernels()
 
 
+# -- the paged cache's kernels (compiled) ------------------------------------
+
+PREEMPT_POLICIES = ("none", "newest")
+R_GEN, R_ADDED, R_MARK = 0, 1, 2     # columns of the per-row int64 array
+# A batch crossing into a kernel is one int64 array [3, B], rows BATCH_*: its
+# rows of the block table, their generations (-1: sequence ids, checked for
+# repeats instead) and room for the slots ``append`` hands out.
+BATCH_ROW, BATCH_GEN, BATCH_OUT = 0, 1, 2
+_INFO = 4             # status words at the head of ``info``; then the
+                      # (row, length) pairs that ``append`` preempted
+
+# Status codes of the paged kernels (info[0] etc. carry the details).
+_S_BAD_ROW = -20      # info[0]: index of a row that is not live (stale handle)
+_S_DUPLICATE = -21    # info[0]: index of a repeated sequence
+_S_BAD_TOKEN = -22    # info[0]: index of a negative token id
+_S_NO_SPACE = -23     # info[0]: blocks needed, info[1]: free
+_S_GROW = -24         # info[0]: table columns needed; retried after growing
+_S_BAD_SLOT = -25     # info[0]: index of a slot no live token owns
+_S_BAD_QLEN = -26     # info[0]: index of a bad q_len, or -1 (sum != T, in info[1])
+_S_SHARED_SLOT = -27  # info[0]: index of a slot in a shared block, info[1]: its holders
+
+_F16_TABLE = None     # float16 bits -> float32, built on first use
+
+
+def _f16_table():
+    global _F16_TABLE
+    if _F16_TABLE is None:
+        _F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    return _F16_TABLE
+
+
+def _f32(x, lut):
+    """One stored element as float32: float16 bits (``uint16``) through
+    ``lut``, a float32 as it is."""
+    return lut[x] if isinstance(x, (np.uint16, int)) else np.float32(x)
+
+
+@overload(_f32)
+def _f32_compiled(x, lut):
+    if isinstance(x, nb_types.Integer):
+        return lambda x, lut: lut[x]
+    return lambda x, lut: x
+
+
+@njit(cache=True)
+def _check_rows(lens, rowinfo, batch, info):
+    """Check a batch of rows: each live and, when generations are given (a
+    ``SeqRows``, whose rows are distinct by construction), of that
+    generation; else no row twice (found by marking, then unmarked). On
+    failure ``info[0]`` is the bad index. Leaves nothing marked."""
+    rows, gens = batch[BATCH_ROW], batch[BATCH_GEN]
+    n = rows.shape[0]
+    check_gen = n > 0 and gens[0] >= 0
+    status = OK
+    done = n
+    for i in range(n):
+        r = rows[i]
+        if r < 0 or r >= lens.shape[0] or lens[r] < 0 or (
+                check_gen and rowinfo[r, R_GEN] != gens[i]):
+            status = _S_BAD_ROW
+        elif not check_gen:
+            if rowinfo[r, R_MARK] != 0:
+                status = _S_DUPLICATE
+            else:
+                rowinfo[r, R_MARK] = 1
+        if status != OK:
+            info[0] = i
+            done = i
+            break
+    if not check_gen:
+        for k in range(done):
+            rowinfo[rows[k], R_MARK] = 0
+    return status
+
+
+@njit(cache=True)
+def _unmark(rowinfo, rows):
+    for i in range(rows.shape[0]):
+        rowinfo[rows[i], R_MARK] = 0
+
+
+# Sharing. Blocks carry reference counts; a block is free only when no
+# table holds it. The free list runs in vLLM v1's order: never-used ids
+# first (increasing), then the linked list of freed blocks, oldest first; a
+# removed sequence's blocks join its tail last block first; a prefix hit
+# unlinks a cached free block wherever it sits, in O(1). (A lazily skipped
+# ring would need room for stale entries beyond the pool's n slots and an
+# audit that tolerates them; the linked list stays exact in the same O(1).)
+#
+# Prefix cache. A full block is findable under a chained 64-bit hash of its
+# parent's hash and its token ids. The hash only indexes: every lookup is
+# verified against the candidate's stored token ids, its depth and its
+# parent's hash, so a collision can cost a hit but never share wrong K/V.
+# Findable blocks with one hash form a class: a list in insertion order
+# (vLLM keeps such duplicates too; a lookup takes the oldest). A block joins
+# a class only if its tokens, depth and parent hash equal the class's, so a
+# class is content-pure; a colliding block, and every block after it in its
+# sequence, stays unfindable. A class cannot die while a findable child of it
+# lives (the child's holders hold a class member, and a freed child sits in
+# the free list before its parents), which the audit checks; so a verified
+# parent hash identifies the parent's content.
+#
+# The prefix state is one int64 array (fewer arguments across the boundary):
+#
+#   px  | counters (16, P_*) | per block [n, 6] (columns B_*): ref, hash,
+#       parent hash, next and prev in its class, depth (-1: not findable) |
+#       table keys (cap) | table values (cap): the oldest block of the
+#       class, -1 empty |
+#
+# The table is open addressing with linear probing, capacity a power of two
+# >= 2n (a load of at most 1/2), and backward-shift deletion (no
+# tombstones). It is compiled, not a Python dict, because blocks fill and are
+# evicted inside the compiled decode step: a dict would need the step to
+# hand every filled and evicted block back to the interpreter.
+
+P_N, P_CAP, P_ON, P_MASK, P_REQS, P_QUERIES, P_HITS, P_COW = range(8)
+P_SPLIT = 8          # partial blocks held more than once (0: no copy can be
+_P_HEAD = 16         # due, and the decode step reads no reference counts)
+# Columns of the per-block part of ``px``.
+B_REF, B_HASH, B_PHASH, B_NEXT, B_PREV, B_DEPTH = range(6)
+_B_COLS = 6
+_ROOT_HASH = 0x6B76706F6F6C      # the parent hash of a sequence's first block
+_M64 = (1 << 64) - 1
+
+
+def _mix(h, x):
+    """One splitmix64 step of hash ``h`` with token ``x`` (Python ints)."""
+    z = ((int(h) ^ int(x)) + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+@overload(_mix)
+def _mix_compiled(h, x):
+    def impl(h, x):
+        z = (np.uint64(h) ^ np.uint64(x)) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+    return impl
+
+
+@njit(cache=True)
+def _px_parts(px):
+    """(blk, blku, keys, vals): the per-block table as int64 and as uint64
+    (for the hashes), and the hash table's keys and values."""
+    n = px[P_N]
+    cap = px[P_CAP]
+    a = _P_HEAD + _B_COLS * n
+    pxu = px.view(np.uint64)
+    return (px[_P_HEAD:a].reshape((n, _B_COLS)), pxu[_P_HEAD:a].reshape((n, _B_COLS)),
+            pxu[a:a + cap], px[a + cap:a + 2 * cap])
+
+
+@njit(cache=True)
+def _block_hash(tokens, lo, bt, ph, mask):
+    """The chained hash of ``tokens[lo:lo + bt]`` after parent hash ``ph``."""
+    h = ph
+    for i in range(lo, lo + bt):
+        h = _mix(h, tokens[i])
+    return h & mask
+
+
+@njit(cache=True)
+def _h_slot(keys, vals, h):
+    """The table slot holding ``h``, or the empty slot where it would go."""
+    m = keys.shape[0] - 1
+    i = np.int64(h & np.uint64(m))
+    while vals[i] >= 0 and keys[i] != h:
+        i = (i + 1) & m
+    return i
+
+
+@njit(cache=True)
+def _h_delete(keys, vals, i):
+    """Empty slot ``i``, shifting later entries of its probe run back."""
+    m = keys.shape[0] - 1
+    j = i
+    while True:
+        j = (j + 1) & m
+        if vals[j] < 0:
+            break
+        k = np.int64(keys[j] & np.uint64(m))       # the entry's home slot
+        if (j > i and (k <= i or k > j)) or (j < i and k <= i and k > j):
+            keys[i] = keys[j]
+            vals[i] = vals[j]
+            i = j
+    vals[i] = -1
+
+
+@njit(cache=True)
+def _register(tok, parts, mask, bt, b, parent, depth):
+    """Make full block ``b`` (at ``depth`` of a sequence, after block
+    ``parent``) findable: a new class, or the tail of its equal class.
+    Unfindable after an unfindable parent or on a collision. ``parts``:
+    ``_px_parts(px)``, made once per kernel call."""
+    blk, blku, keys, vals = parts
+    if depth == 0:
+        ph = np.uint64(_ROOT_HASH)
+    elif blk[parent, B_DEPTH] < 0:
+        return
+    else:
+        ph = blku[parent, B_HASH]
+    h = _block_hash(tok, b * bt, bt, ph, mask)
+    i = _h_slot(keys, vals, h)
+    head = vals[i]
+    if head < 0:
+        keys[i] = h
+        vals[i] = b
+        blk[b, B_PREV] = b                         # a head's prev is the tail
+    else:
+        if blk[head, B_DEPTH] != depth or blku[head, B_PHASH] != ph:
+            return
+        for t in range(bt):
+            if tok[head * bt + t] != tok[b * bt + t]:
+                return
+        tail = blk[head, B_PREV]
+        blk[tail, B_NEXT] = b
+        blk[b, B_PREV] = tail
+        blk[head, B_PREV] = b
+    blk[b, B_NEXT] = -1
+    blku[b, B_HASH] = h
+    blku[b, B_PHASH] = ph
+    blk[b, B_DEPTH] = depth
+
+
+@njit(cache=True)
+def _unregister(parts, b):
+    """Make findable block ``b`` unfindable (it is handed out anew)."""
+    blk, blku, keys, vals = parts
+    i = _h_slot(keys, vals, blku[b, B_HASH])
+    head = vals[i]
+    nx = blk[b, B_NEXT]
+    if head == b:
+        if nx < 0:
+            _h_delete(keys, vals, i)
+        else:
+            vals[i] = nx
+            blk[nx, B_PREV] = blk[b, B_PREV]
+    else:
+        p = blk[b, B_PREV]
+        blk[p, B_NEXT] = nx
+        if nx >= 0:
+            blk[nx, B_PREV] = p
+        else:
+            blk[head, B_PREV] = p
+    blk[b, B_DEPTH] = -1
+
+
+@njit(cache=True)
+def _lookup(tok, px, bt, tokens, found):
+    """The longest verified run of findable blocks matching ``tokens``' full
+    blocks (at most ``(len - 1) // bt``): its length, its ids in ``found``."""
+    blk, blku, keys, vals = _px_parts(px)
+    mask = px.view(np.uint64)[P_MASK]
+    most = (tokens.shape[0] - 1) // bt
+    ph = np.uint64(_ROOT_HASH)
+    for j in range(most):
+        h = _block_hash(tokens, j * bt, bt, ph, mask)
+        b = vals[_h_slot(keys, vals, h)]
+        if b < 0 or blk[b, B_DEPTH] != j or blku[b, B_PHASH] != ph:
+            return j
+        for t in range(bt):
+            if tok[b * bt + t] != tokens[j * bt + t]:
+                return j
+        found[j] = b
+        ph = h
+    return most
+
+
+@njit(cache=True)
+def _q_unlink(ring, link, ctr, b):
+    """Take block ``b`` out of the (list-mode) free list."""
+    p = link[b]
+    nx = ring[b]
+    if p >= 0:
+        ring[p] = nx
+    else:
+        ctr[C_HEAD] = nx
+    if nx >= 0:
+        link[nx] = p
+    else:
+        ctr[C_TAIL] = p
+    ctr[C_COUNT] -= 1
+
+
+@njit(cache=True)
+def _q_push(ring, link, ctr, b):
+    """Append block ``b`` to the free list's tail."""
+    t = ctr[C_TAIL]
+    ring[b] = -1
+    link[b] = t
+    if t >= 0:
+        ring[t] = b
+    else:
+        ctr[C_HEAD] = b
+    ctr[C_TAIL] = b
+    ctr[C_COUNT] += 1
+
+
+@njit(cache=True)
+def _q_one(state, ring, link, ctr, parts):
+    """A block for new content from the free list's front (a never-used id
+    first), HELD with one reference; a cached one forgets its hash. The
+    caller has checked that one is free and updates the peak."""
+    blk = parts[0]
+    b = ctr[C_BUMP]
+    if b < state.shape[0]:
+        ctr[C_BUMP] = b + 1
+    else:
+        b = ctr[C_HEAD]
+        _q_unlink(ring, link, ctr, b)
+        if blk[b, B_DEPTH] >= 0:
+            _unregister(parts, b)
+    state[b] = HELD
+    blk[b, B_REF] = 1
+    return b
+
+
+@njit(cache=True)
+def _q_peak(ctr):
+    if ctr[C_BUMP] - ctr[C_COUNT] > ctr[C_PEAK]:
+        ctr[C_PEAK] = ctr[C_BUMP] - ctr[C_COUNT]
+
+
+@njit(cache=True)
+def _cow(arena, tok, fill, state, ring, link, ctr, px, parts, bt, b):
+    """Copy shared block ``b`` (every layer, K and V, its tokens and fill)
+    into a new block, dropping one reference to ``b``; the new block."""
+    blk = parts[0]
+    c = _q_one(state, ring, link, ctr, parts)
+    bb = ctr[C_BLOCK_SIZE]
+    arena[c * bb:(c + 1) * bb] = arena[b * bb:(b + 1) * bb]
+    tok[c * bt:(c + 1) * bt] = tok[b * bt:(b + 1) * bt]
+    fill[c] = fill[b]
+    blk[b, B_REF] -= 1
+    if blk[b, B_REF] == 1:
+        px[P_SPLIT] -= 1
+    px[P_COW] += 1
+    return c
+
+
+@njit(cache=True)
+def _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, r):
+    """Drop row ``r``'s references, last block first (a block whose count
+    reaches 0 joins the free list's tail, keeping its content and hash),
+    clear the row and bump its generation; the number of blocks freed."""
+    ring, link = _parts(state, meta)
+    ctr = meta[:_N_COUNTERS]
+    blk = _px_parts(px)[0]
+    freed = 0
+    last = (lens[r] + bt - 1) // bt - 1
+    for j in range(last, -1, -1):
+        b = tables[r, j]
+        tables[r, j] = NO_BLOCK
+        blk[b, B_REF] -= 1
+        if j == last and lens[r] % bt != 0 and blk[b, B_REF] == 1:
+            px[P_SPLIT] -= 1
+        if blk[b, B_REF] == 0:
+            fill[b] = 0
+            state[b] = FREE
+            _q_push(ring, link, ctr, b)
+            freed += 1
+    lens[r] = -1
+    rowinfo[r, R_GEN] += 1
+    return freed
+
+
+@njit(cache=True)
+def _append_need(tables, lens, rowinfo, px, blk, bt, rows, scratch):
+    """Blocks that one more token per row takes (rows marked 2 skipped): a
+    new block for a full last block, a copy for a shared partial one (in
+    row order, the last holder in the batch keeps it)."""
+    need = 0
+    if px[P_SPLIT] == 0:
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if lens[r] % bt == 0 and rowinfo[r, R_MARK] != 2:
+                need += 1
+        return need
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        scratch[i] = -1
+        if rowinfo[r, R_MARK] == 2:
+            continue
+        L = lens[r]
+        if L % bt == 0:
+            need += 1
+        else:
+            b = tables[r, L // bt]
+            if blk[b, B_REF] > 1:
+                need += 1
+                blk[b, B_REF] -= 1               # for the rows after this one
+                scratch[i] = b
+    for i in range(rows.shape[0]):
+        if scratch[i] >= 0:
+            blk[scratch[i], B_REF] += 1
+    return need
+
+
+@njit(cache=True)
+def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
+                  tokens, preempt, info):
+    """One token per row: reserve its slot (a new block when the last is
+    full, a copy when it is shared) into ``batch[BATCH_OUT]``. Short of blocks:
+    ``_S_NO_SPACE``, or with ``preempt`` free the newest sequences
+    (``info[_INFO:]``: row, length, blocks freed; ``info[2]``: how many)
+    until the rest fit; a preempted row's slot is -1. Blocks that fill
+    become findable."""
+    state = _state_of(meta)
+    rows, out, pre = batch[BATCH_ROW], batch[BATCH_OUT], info[_INFO:]
+    n = rows.shape[0]
+    info[2] = 0
+    status = _check_rows(lens, rowinfo, batch, info)
+    if status != OK:
+        return status
+    for i in range(n):
+        L = lens[rows[i]]
+        col = L // bt
+        if tokens[i] < 0:
+            info[0] = i
+            return _S_BAD_TOKEN
+        if L == col * bt and col >= tables.shape[1]:
+            info[0] = col + 1
+            return _S_GROW
+    ring, link = _parts(state, meta)
+    ctr = meta[:_N_COUNTERS]
+    parts = _px_parts(px)
+    blk = parts[0]
+    mask = px.view(np.uint64)[P_MASK]
+    need = _append_need(tables, lens, rowinfo, px, blk, bt, rows, out)
+    free = _free_count(state, meta)
+    npre = 0
+    if need > free and preempt != 0:
+        for i in range(n):                 # batch members: R_MARK 1
+            rowinfo[rows[i], R_MARK] = 1
+    while need > free:
+        if preempt == 0:
+            info[0] = need
+            info[1] = free
+            return _S_NO_SPACE
+        best = -1
+        newest = -1
+        for r in range(lens.shape[0]):
+            if lens[r] >= 0 and rowinfo[r, R_ADDED] > newest:
+                newest = rowinfo[r, R_ADDED]
+                best = r
+        if best < 0:
+            break
+        if rowinfo[best, R_MARK] == 1:
+            rowinfo[best, R_MARK] = 2
+        pre[3 * npre] = best
+        pre[3 * npre + 1] = lens[best]
+        freed = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, best)
+        pre[3 * npre + 2] = freed
+        npre += 1
+        free += freed
+        need = _append_need(tables, lens, rowinfo, px, blk, bt, rows, out)
+    info[2] = npre
+    on = px[P_ON] != 0
+    split = px[P_SPLIT] != 0
+    for i in range(n):
+        r = rows[i]
+        if npre > 0 and rowinfo[r, R_MARK] == 2:
+            out[i] = NO_BLOCK
+            continue
+        L = lens[r]
+        col = L // bt
+        off = L - col * bt
+        if off == 0:
+            b = _q_one(state, ring, link, ctr, parts)
+            tables[r, col] = b
+        else:
+            b = tables[r, col]
+            if split and blk[b, B_REF] > 1:
+                b = _cow(arena, tok, fill, state, ring, link, ctr, px, parts, bt, b)
+                tables[r, col] = b
+        fill[b] = off + 1
+        s = b * bt + off
+        tok[s] = tokens[i]
+        lens[r] = L + 1
+        out[i] = s
+        if on and off == bt - 1:
+            _register(tok, parts, mask, bt, b, tables[r, col - 1] if col > 0 else -1, col)
+    _q_peak(ctr)
+    if npre > 0:
+        _unmark(rowinfo, rows)
+    return OK
+
+
+@njit(cache=True)
+def _paged_extend(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, row,
+                  tokens, stamp, out, info):
+    """Append ``tokens`` to one row, slots into ``out``; with ``stamp >= 0``
+    the row is free and becomes a new sequence added at ``stamp``, sharing
+    the longest verified run of cached blocks (prefix caching on; the
+    tokens it covers in ``info[3]``). A shared partial last block is copied
+    first. Blocks that fill become findable."""
+    state = _state_of(meta)
+    n = tokens.shape[0]
+    for i in range(n):
+        if tokens[i] < 0:
+            info[0] = i
+            return _S_BAD_TOKEN
+    new = stamp >= 0
+    L = 0 if new else lens[row]
+    have = (L + bt - 1) // bt
+    total = (L + n + bt - 1) // bt
+    if total > tables.shape[1]:
+        info[0] = total
+        return _S_GROW
+    ring, link = _parts(state, meta)
+    ctr = meta[:_N_COUNTERS]
+    parts = _px_parts(px)
+    blk = parts[0]
+    mask = px.view(np.uint64)[P_MASK]
+    on = px[P_ON] != 0
+    hit = 0
+    revive = 0                             # hits that are free now
+    if new and on:
+        hit = _lookup(tok, px, bt, tokens, out)      # ``out`` as scratch
+        for j in range(hit):
+            if blk[out[j], B_REF] == 0:
+                revive += 1
+    cow = 1 if (n > 0 and L % bt != 0 and blk[tables[row, have - 1], B_REF] > 1) else 0
+    need = total - have - hit + cow
+    free = _free_count(state, meta) - revive
+    if need > free:
+        info[0] = need
+        info[1] = free
+        return _S_NO_SPACE
+    for j in range(hit):
+        b = out[j]
+        if blk[b, B_REF] == 0:
+            _q_unlink(ring, link, ctr, b)
+            state[b] = HELD
+            fill[b] = bt
+        blk[b, B_REF] += 1
+        tables[row, j] = b
+    if cow:
+        tables[row, have - 1] = _cow(arena, tok, fill, state, ring, link, ctr, px,
+                                     parts, bt, tables[row, have - 1])
+    for j in range(have + hit, total):
+        tables[row, j] = _q_one(state, ring, link, ctr, parts)
+    _q_peak(ctr)
+    skip = hit * bt
+    for i in range(n):
+        p = L + i
+        col = p // bt
+        b = tables[row, col]
+        off = p - col * bt
+        s = b * bt + off
+        out[i] = s
+        if i < skip:
+            continue
+        tok[s] = tokens[i]
+        fill[b] = off + 1
+        if on and off == bt - 1:
+            _register(tok, parts, mask, bt, b, tables[row, col - 1] if col > 0 else -1, col)
+    lens[row] = L + n
+    if new:
+        rowinfo[row, R_ADDED] = stamp
+        if on:
+            px[P_REQS] += 1
+            px[P_QUERIES] += n
+            px[P_HITS] += skip
+    info[3] = skip
+    return OK
+
+
+@njit(cache=True)
+def _paged_remove(tables, lens, fill, rowinfo, meta, px, bt, batch, info):
+    """Free whole rows, in order (blocks freed per row into ``batch[BATCH_OUT]``);
+    ``OK`` or a status, freeing nothing."""
+    status = _check_rows(lens, rowinfo, batch, info)
+    if status != OK:
+        return status
+    state = _state_of(meta)
+    rows = batch[BATCH_ROW]
+    for i in range(rows.shape[0]):
+        batch[BATCH_OUT, i] = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt,
+                                       rows[i])
+    return OK
+
+
+@njit(cache=True)
+def _paged_fork(tables, lens, rowinfo, px, bt, src, dst, stamp):
+    """Row ``dst`` (free) becomes a sequence added at ``stamp`` sharing every
+    block of row ``src``: one more reference each."""
+    blk = _px_parts(px)[0]
+    nb = (lens[src] + bt - 1) // bt
+    for j in range(nb):
+        b = tables[src, j]
+        tables[dst, j] = b
+        blk[b, B_REF] += 1
+    if lens[src] % bt != 0 and blk[tables[src, nb - 1], B_REF] == 2:
+        px[P_SPLIT] += 1
+    lens[dst] = lens[src]
+    rowinfo[dst, R_ADDED] = stamp
+
+
+@njit(cache=True)
+def _paged_reset(px):
+    """Forget every cached hash."""
+    blk, blku, keys, vals = _px_parts(px)
+    for b in range(blk.shape[0]):
+        blk[b, B_DEPTH] = -1
+    vals[:] = -1
+
+
+@njit(cache=True)
+def _paged_swap(tables, lens, rowinfo, pairs):
+    """Swap table rows pairwise, in order, bumping both generations."""
+    for k in range(pairs.shape[0]):
+        a, b = pairs[k, 0], pairs[k, 1]
+        for j in range(tables.shape[1]):
+            t = tables[a, j]
+            tables[a, j] = tables[b, j]
+            tables[b, j] = t
+        t = lens[a]
+        lens[a] = lens[b]
+        lens[b] = t
+        t = rowinfo[a, R_ADDED]
+        rowinfo[a, R_ADDED] = rowinfo[b, R_ADDED]
+        rowinfo[b, R_ADDED] = t
+        rowinfo[a, R_GEN] += 1
+        rowinfo[b, R_GEN] += 1
+
+
+@njit(cache=True)
+def _paged_width(lens, rowinfo, bt, batch, info):
+    """The most blocks any of the rows holds, or a (negative) status."""
+    status = _check_rows(lens, rowinfo, batch, info)
+    if status != OK:
+        return status
+    rows = batch[BATCH_ROW]
+    longest = 0
+    for i in range(rows.shape[0]):
+        longest = max(longest, lens[rows[i]])
+    return (longest + bt - 1) // bt
+
+
+@njit(cache=True)
+def _paged_table(tables, lens, rowinfo, bt, batch, info):
+    """(status, table, lens): copies of the rows' tables, padded with -1,
+    and their lengths."""
+    rows = batch[BATCH_ROW]
+    n = rows.shape[0]
+    width = _paged_width(lens, rowinfo, bt, batch, info)
+    if width < 0:
+        return width, np.empty((0, 0), np.int32), np.empty(0, np.int32)
+    table = np.full((n, width), NO_BLOCK, np.int32)
+    out = np.empty(n, np.int32)
+    for i in range(n):
+        r = rows[i]
+        out[i] = lens[r]
+        for j in range((lens[r] + bt - 1) // bt):
+            table[i, j] = tables[r, j]
+    return OK, table, out
+
+
+@njit(cache=True)
+def _paged_store(kv, fill, meta, blk, bt, layers, layer, slots, k, v, info):
+    """Write rows of ``k`` and ``v`` (``[T, kv_heads * head_dim]``, the
+    cache's element type) at ``slots`` of ``layer``; checked first: each a
+    reserved slot (else ``_S_BAD_SLOT``) of a block held once (else
+    ``_S_SHARED_SLOT``). A run of consecutive slots within a block is one
+    contiguous copy each for K and V (a slot given twice: its last row
+    wins, as in order)."""
+    state = _state_of(meta)
+    nblk = state.shape[0]
+    T = slots.shape[0]
+    e = k.shape[1]
+    for i in range(T):
+        s = slots[i]
+        b = s // bt
+        if s < 0 or b >= nblk or state[b] != HELD or s - b * bt >= fill[b]:
+            info[0] = i
+            return _S_BAD_SLOT
+        if blk[b, B_REF] > 1:
+            info[0] = i
+            info[1] = blk[b, B_REF]
+            return _S_SHARED_SLOT
+    kf, vf = k.reshape(T * e), v.reshape(T * e)
+    i = 0
+    while i < T:
+        s = slots[i]
+        b = s // bt
+        m = 1                              # the run: slots s .. s + m - 1
+        end = (b + 1) * bt
+        while i + m < T and slots[i + m] == s + m and s + m < end:
+            m += 1
+        lo = (((b * layers + layer) * 2) * bt + s - b * bt) * e
+        ks, vs = kf[i * e:(i + m) * e], vf[i * e:(i + m) * e]
+        kd, vd = kv[lo:lo + m * e], kv[lo + bt * e:lo + (bt + m) * e]
+        for j in range(ks.shape[0]):       # views: the loops vectorize
+            kd[j] = ks[j]
+        for j in range(vs.shape[0]):
+            vd[j] = vs[j]
+        i += m
+    return OK
+
+
+@njit(cache=True)
+def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, batch,
+                  info):
+    """(status, k, v, lens): the rows' K and V of ``layer`` as
+    ``[B, longest, e]`` copies, zero-padded, and their lengths."""
+    rows = batch[BATCH_ROW]
+    n = rows.shape[0]
+    status = _check_rows(lens, rowinfo, batch, info)
+    width = 0
+    if status == OK:
+        for i in range(n):
+            width = max(width, lens[rows[i]])
+    else:
+        n = 0
+    k = np.zeros((n, width, e), kv.dtype)
+    v = np.zeros((n, width, e), kv.dtype)
+    out = np.empty(n, np.int32)
+    for i in range(n):
+        r = rows[i]
+        out[i] = lens[r]
+        for t in range(lens[r]):
+            b = tables[r, t // bt]
+            lo = (((b * layers + layer) * 2) * bt + t % bt) * e
+            k[i, t] = kv[lo:lo + e]
+            v[i, t] = kv[lo + bt * e:lo + bt * e + e]
+    return status, k, v, out
+
+
+@njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
+def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
+                     q, batch, qlens, scale, info):
+    """(status, out): causal attention of ``q`` (float32 ``[T, q_heads,
+    head_dim]``, ``qlens[i]`` queries per row, each row's last tokens) over
+    the rows' stored K and V; float32 throughout, softmax per query."""
+    rows = batch[BATCH_ROW]
+    n = rows.shape[0]
+    T, qh, hd = q.shape[0], q.shape[1], q.shape[2]
+    out = np.zeros((T, qh, hd), np.float32)
+    status = _check_rows(lens, rowinfo, batch, info)
+    if status != OK:
+        return status, out
+    total = 0
+    longest = 1
+    most = 1
+    for i in range(n):
+        ql = qlens[i]
+        if ql < 0 or ql > lens[rows[i]]:
+            info[0] = i
+            return _S_BAD_QLEN, out
+        total += ql
+        if ql > 0:
+            longest = max(longest, lens[rows[i]])
+            most = max(most, ql)
+    if total != T:
+        info[0] = -1
+        info[1] = total
+        return _S_BAD_QLEN, out
+    group = qh // kvh
+    e = kvh * hd
+    sc = np.float32(scale)
+    p = np.empty((most * group, longest), np.float32)
+    zinv = np.empty(most * group, np.float32)
+    row = np.empty(hd, np.float32)
+    qs = 0
+    for i in range(n):
+        r = rows[i]
+        L = lens[r]
+        nq = qlens[i]
+        if nq == 0:
+            continue
+        first = L - nq                     # position of the first query
+        for g in range(kvh):
+            for t in range(L):             # scores: p[j * group + hh, t]
+                b = tables[r, t // bt]
+                lo = (((b * layers + layer) * 2) * bt + t % bt) * e + g * hd
+                for d in range(hd):
+                    row[d] = _f32(kv[lo + d], lut)
+                for j in range(max(t - first, 0), nq):
+                    for hh in range(group):
+                        qv = q[qs + j, g * group + hh]
+                        s = np.float32(0.0)
+                        for d in range(hd):
+                            s += qv[d] * row[d]
+                        p[j * group + hh, t] = s * sc
+            for j in range(nq):            # softmax over positions 0..first+j
+                last = first + j
+                for hh in range(group):
+                    pr = p[j * group + hh]
+                    m = pr[0]
+                    for t in range(1, last + 1):
+                        m = max(m, pr[t])
+                    z = np.float32(0.0)
+                    for t in range(last + 1):
+                        w = np.exp(pr[t] - m)
+                        pr[t] = w
+                        z += w
+                    zinv[j * group + hh] = np.float32(1.0) / z
+            for t in range(L):             # weighted values
+                b = tables[r, t // bt]
+                lo = (((b * layers + layer) * 2 + 1) * bt + t % bt) * e + g * hd
+                for d in range(hd):
+                    row[d] = _f32(kv[lo + d], lut)
+                for j in range(max(t - first, 0), nq):
+                    for hh in range(group):
+                        w = p[j * group + hh, t]
+                        o = out[qs + j, g * group + hh]
+                        for d in range(hd):
+                            o[d] += w * row[d]
+            for j in range(nq):
+                for hh in range(group):
+                    o = out[qs + j, g * group + hh]
+                    z = zinv[j * group + hh]
+                    for d in range(hd):
+                        o[d] *= z
+        qs += nq
+    return OK, out
+
+
 # -- value types -------------------------------------------------------------
 
 class PoolExhaustedError(MemoryError):
@@ -1121,6 +1943,85 @@ class EvictionReport:
             "stats_after": self.stats_after.to_dict(),
             "timestamp": self.timestamp,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedStats(_Snapshot):
+    """A snapshot of a paged cache's statistics.
+
+    num_blocks         blocks in the arena
+    block_tokens       token slots per block
+    free_blocks        blocks that can be handed out now
+    used_blocks        blocks held by sequences
+    peak_used_blocks   the most blocks in use at once
+    sequences          live sequences
+    tokens             their tokens (reserved slots)
+    preemptions        sequences freed by preempt="newest"
+    unused_slots       internal fragmentation: the free slots in the
+                       sequences' last blocks
+    fragmentation      unused_slots / (used_blocks * block_tokens), or 0.0
+    prefix_requests    sequences added with prefix caching on
+    prefix_queries     their prompt tokens, looked up
+    prefix_hits        prompt tokens found cached (shared, not computed)
+    prefix_hit_rate    prefix_hits / prefix_queries, or 0.0
+    cached_blocks      free blocks still findable by their hash
+    shared_blocks      blocks held by more than one sequence
+    cow_copies         shared blocks copied before an append wrote to them
+    """
+    num_blocks: int
+    block_tokens: int
+    free_blocks: int
+    used_blocks: int
+    peak_used_blocks: int
+    sequences: int
+    tokens: int
+    preemptions: int
+    unused_slots: int
+    fragmentation: float
+    prefix_requests: int
+    prefix_queries: int
+    prefix_hits: int
+    prefix_hit_rate: float
+    cached_blocks: int
+    shared_blocks: int
+    cow_copies: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceReport:
+    """A sequence leaving a paged cache: delivered to its listeners."""
+    seq: object
+    reason: str              # "remove" or "preempt"
+    length: int              # its tokens
+    blocks_freed: int        # blocks no other sequence held
+    timestamp: float         # time.monotonic() at the removal
+
+
+class SeqRows:
+    """A batch of sequences placed in rows 0..B-1 of a paged cache's block
+    table, made by ``PagedKVCache.rows(seqs)``. ``append``, ``block_table``,
+    ``attention``, ``gather`` and ``blocks_needed`` take it in place of the
+    sequence ids and then do no lookups or allocations: ``block_table``
+    returns views of the cache's table, and ``append`` returns the handle's
+    own slot array, overwritten by its next ``append``.
+    A handle goes stale (``KeyError`` when used) once one of its sequences
+    is removed, preempted or moved by a later ``rows`` call."""
+
+    __slots__ = ("seqs", "_batch", "_cache")
+
+    def __init__(self, seqs, batch, cache):
+        self.seqs = seqs          # tuple of the sequence ids, in row order
+        self._batch = batch       # int64 [3, B]: rows, generations, slots
+        self._cache = cache
+
+    def __len__(self):
+        return len(self.seqs)
+
+    def __repr__(self):
+        return f"SeqRows({len(self.seqs)} sequences)"
+
+
+_I64 = np.dtype(np.int64)
 
 
 def _deliver(listeners, reports):
@@ -2312,903 +3213,6 @@ class KVCacheManager:
 
 # -- the paged cache -----------------------------------------------------------
 
-PREEMPT_POLICIES = ("none", "newest")
-R_GEN, R_ADDED, R_MARK = 0, 1, 2     # columns of the per-row int64 array
-# A batch crossing into a kernel is one int64 array [3, B], rows BATCH_*: its
-# rows of the block table, their generations (-1: sequence ids, checked for
-# repeats instead) and room for the slots ``append`` hands out.
-BATCH_ROW, BATCH_GEN, BATCH_OUT = 0, 1, 2
-_INFO = 4             # status words at the head of ``info``; then the
-                      # (row, length) pairs that ``append`` preempted
-
-# Status codes of the paged kernels (info[0] etc. carry the details).
-_S_BAD_ROW = -20      # info[0]: index of a row that is not live (stale handle)
-_S_DUPLICATE = -21    # info[0]: index of a repeated sequence
-_S_BAD_TOKEN = -22    # info[0]: index of a negative token id
-_S_NO_SPACE = -23     # info[0]: blocks needed, info[1]: free
-_S_GROW = -24         # info[0]: table columns needed; retried after growing
-_S_BAD_SLOT = -25     # info[0]: index of a slot no live token owns
-_S_BAD_QLEN = -26     # info[0]: index of a bad q_len, or -1 (sum != T, in info[1])
-_S_SHARED_SLOT = -27  # info[0]: index of a slot in a shared block, info[1]: its holders
-
-_F16_TABLE = None     # float16 bits -> float32, built on first use
-
-
-def _f16_table():
-    global _F16_TABLE
-    if _F16_TABLE is None:
-        _F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
-    return _F16_TABLE
-
-
-def _f32(x, lut):
-    """One stored element as float32: float16 bits (``uint16``) through
-    ``lut``, a float32 as it is."""
-    return lut[x] if isinstance(x, (np.uint16, int)) else np.float32(x)
-
-
-@overload(_f32)
-def _f32_compiled(x, lut):
-    if isinstance(x, nb_types.Integer):
-        return lambda x, lut: lut[x]
-    return lambda x, lut: x
-
-
-@njit(cache=True)
-def _check_rows(lens, rowinfo, batch, info):
-    """Check a batch of rows: each live and, when generations are given (a
-    ``SeqRows``, whose rows are distinct by construction), of that
-    generation; else no row twice (found by marking, then unmarked). On
-    failure ``info[0]`` is the bad index. Leaves nothing marked."""
-    rows, gens = batch[BATCH_ROW], batch[BATCH_GEN]
-    n = rows.shape[0]
-    check_gen = n > 0 and gens[0] >= 0
-    status = OK
-    done = n
-    for i in range(n):
-        r = rows[i]
-        if r < 0 or r >= lens.shape[0] or lens[r] < 0 or (
-                check_gen and rowinfo[r, R_GEN] != gens[i]):
-            status = _S_BAD_ROW
-        elif not check_gen:
-            if rowinfo[r, R_MARK] != 0:
-                status = _S_DUPLICATE
-            else:
-                rowinfo[r, R_MARK] = 1
-        if status != OK:
-            info[0] = i
-            done = i
-            break
-    if not check_gen:
-        for k in range(done):
-            rowinfo[rows[k], R_MARK] = 0
-    return status
-
-
-@njit(cache=True)
-def _unmark(rowinfo, rows):
-    for i in range(rows.shape[0]):
-        rowinfo[rows[i], R_MARK] = 0
-
-
-# Sharing. Blocks carry reference counts; a block is free only when no
-# table holds it. The free list runs in vLLM v1's order: never-used ids
-# first (increasing), then the linked list of freed blocks, oldest first; a
-# removed sequence's blocks join its tail last block first; a prefix hit
-# unlinks a cached free block wherever it sits, in O(1). (A lazily skipped
-# ring would need room for stale entries beyond the pool's n slots and an
-# audit that tolerates them; the linked list stays exact in the same O(1).)
-#
-# Prefix cache. A full block is findable under a chained 64-bit hash of its
-# parent's hash and its token ids. The hash only indexes: every lookup is
-# verified against the candidate's stored token ids, its depth and its
-# parent's hash, so a collision can cost a hit but never share wrong K/V.
-# Findable blocks with one hash form a class: a list in insertion order
-# (vLLM keeps such duplicates too; a lookup takes the oldest). A block joins
-# a class only if its tokens, depth and parent hash equal the class's, so a
-# class is content-pure; a colliding block, and every block after it in its
-# sequence, stays unfindable. A class cannot die while a findable child of it
-# lives (the child's holders hold a class member, and a freed child sits in
-# the free list before its parents), which the audit checks; so a verified
-# parent hash identifies the parent's content.
-#
-# The prefix state is one int64 array (fewer arguments across the boundary):
-#
-#   px  | counters (16, P_*) | per block [n, 6] (columns B_*): ref, hash,
-#       parent hash, next and prev in its class, depth (-1: not findable) |
-#       table keys (cap) | table values (cap): the oldest block of the
-#       class, -1 empty |
-#
-# The table is open addressing with linear probing, capacity a power of two
-# >= 2n (a load of at most 1/2), and backward-shift deletion (no
-# tombstones). It is compiled, not a Python dict, because blocks fill and are
-# evicted inside the compiled decode step: a dict would need the step to
-# hand every filled and evicted block back to the interpreter.
-
-P_N, P_CAP, P_ON, P_MASK, P_REQS, P_QUERIES, P_HITS, P_COW = range(8)
-P_SPLIT = 8          # partial blocks held more than once (0: no copy can be
-_P_HEAD = 16         # due, and the decode step reads no reference counts)
-# Columns of the per-block part of ``px``.
-B_REF, B_HASH, B_PHASH, B_NEXT, B_PREV, B_DEPTH = range(6)
-_B_COLS = 6
-_ROOT_HASH = 0x6B76706F6F6C      # the parent hash of a sequence's first block
-_M64 = (1 << 64) - 1
-
-
-def _mix(h, x):
-    """One splitmix64 step of hash ``h`` with token ``x`` (Python ints)."""
-    z = ((int(h) ^ int(x)) + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
-@overload(_mix)
-def _mix_compiled(h, x):
-    def impl(h, x):
-        z = (np.uint64(h) ^ np.uint64(x)) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-    return impl
-
-
-@njit(cache=True)
-def _px_parts(px):
-    """(blk, blku, keys, vals): the per-block table as int64 and as uint64
-    (for the hashes), and the hash table's keys and values."""
-    n = px[P_N]
-    cap = px[P_CAP]
-    a = _P_HEAD + _B_COLS * n
-    pxu = px.view(np.uint64)
-    return (px[_P_HEAD:a].reshape((n, _B_COLS)), pxu[_P_HEAD:a].reshape((n, _B_COLS)),
-            pxu[a:a + cap], px[a + cap:a + 2 * cap])
-
-
-@njit(cache=True)
-def _block_hash(tokens, lo, bt, ph, mask):
-    """The chained hash of ``tokens[lo:lo + bt]`` after parent hash ``ph``."""
-    h = ph
-    for i in range(lo, lo + bt):
-        h = _mix(h, tokens[i])
-    return h & mask
-
-
-@njit(cache=True)
-def _h_slot(keys, vals, h):
-    """The table slot holding ``h``, or the empty slot where it would go."""
-    m = keys.shape[0] - 1
-    i = np.int64(h & np.uint64(m))
-    while vals[i] >= 0 and keys[i] != h:
-        i = (i + 1) & m
-    return i
-
-
-@njit(cache=True)
-def _h_delete(keys, vals, i):
-    """Empty slot ``i``, shifting later entries of its probe run back."""
-    m = keys.shape[0] - 1
-    j = i
-    while True:
-        j = (j + 1) & m
-        if vals[j] < 0:
-            break
-        k = np.int64(keys[j] & np.uint64(m))       # the entry's home slot
-        if (j > i and (k <= i or k > j)) or (j < i and k <= i and k > j):
-            keys[i] = keys[j]
-            vals[i] = vals[j]
-            i = j
-    vals[i] = -1
-
-
-@njit(cache=True)
-def _register(tok, parts, mask, bt, b, parent, depth):
-    """Make full block ``b`` (at ``depth`` of a sequence, after block
-    ``parent``) findable: a new class, or the tail of its equal class.
-    Unfindable after an unfindable parent or on a collision. ``parts``:
-    ``_px_parts(px)``, made once per kernel call."""
-    blk, blku, keys, vals = parts
-    if depth == 0:
-        ph = np.uint64(_ROOT_HASH)
-    elif blk[parent, B_DEPTH] < 0:
-        return
-    else:
-        ph = blku[parent, B_HASH]
-    h = _block_hash(tok, b * bt, bt, ph, mask)
-    i = _h_slot(keys, vals, h)
-    head = vals[i]
-    if head < 0:
-        keys[i] = h
-        vals[i] = b
-        blk[b, B_PREV] = b                         # a head's prev is the tail
-    else:
-        if blk[head, B_DEPTH] != depth or blku[head, B_PHASH] != ph:
-            return
-        for t in range(bt):
-            if tok[head * bt + t] != tok[b * bt + t]:
-                return
-        tail = blk[head, B_PREV]
-        blk[tail, B_NEXT] = b
-        blk[b, B_PREV] = tail
-        blk[head, B_PREV] = b
-    blk[b, B_NEXT] = -1
-    blku[b, B_HASH] = h
-    blku[b, B_PHASH] = ph
-    blk[b, B_DEPTH] = depth
-
-
-@njit(cache=True)
-def _unregister(parts, b):
-    """Make findable block ``b`` unfindable (it is handed out anew)."""
-    blk, blku, keys, vals = parts
-    i = _h_slot(keys, vals, blku[b, B_HASH])
-    head = vals[i]
-    nx = blk[b, B_NEXT]
-    if head == b:
-        if nx < 0:
-            _h_delete(keys, vals, i)
-        else:
-            vals[i] = nx
-            blk[nx, B_PREV] = blk[b, B_PREV]
-    else:
-        p = blk[b, B_PREV]
-        blk[p, B_NEXT] = nx
-        if nx >= 0:
-            blk[nx, B_PREV] = p
-        else:
-            blk[head, B_PREV] = p
-    blk[b, B_DEPTH] = -1
-
-
-@njit(cache=True)
-def _lookup(tok, px, bt, tokens, found):
-    """The longest verified run of findable blocks matching ``tokens``' full
-    blocks (at most ``(len - 1) // bt``): its length, its ids in ``found``."""
-    blk, blku, keys, vals = _px_parts(px)
-    mask = px.view(np.uint64)[P_MASK]
-    most = (tokens.shape[0] - 1) // bt
-    ph = np.uint64(_ROOT_HASH)
-    for j in range(most):
-        h = _block_hash(tokens, j * bt, bt, ph, mask)
-        b = vals[_h_slot(keys, vals, h)]
-        if b < 0 or blk[b, B_DEPTH] != j or blku[b, B_PHASH] != ph:
-            return j
-        for t in range(bt):
-            if tok[b * bt + t] != tokens[j * bt + t]:
-                return j
-        found[j] = b
-        ph = h
-    return most
-
-
-@njit(cache=True)
-def _q_unlink(ring, link, ctr, b):
-    """Take block ``b`` out of the (list-mode) free list."""
-    p = link[b]
-    nx = ring[b]
-    if p >= 0:
-        ring[p] = nx
-    else:
-        ctr[C_HEAD] = nx
-    if nx >= 0:
-        link[nx] = p
-    else:
-        ctr[C_TAIL] = p
-    ctr[C_COUNT] -= 1
-
-
-@njit(cache=True)
-def _q_push(ring, link, ctr, b):
-    """Append block ``b`` to the free list's tail."""
-    t = ctr[C_TAIL]
-    ring[b] = -1
-    link[b] = t
-    if t >= 0:
-        ring[t] = b
-    else:
-        ctr[C_HEAD] = b
-    ctr[C_TAIL] = b
-    ctr[C_COUNT] += 1
-
-
-@njit(cache=True)
-def _q_one(state, ring, link, ctr, parts):
-    """A block for new content from the free list's front (a never-used id
-    first), HELD with one reference; a cached one forgets its hash. The
-    caller has checked that one is free and updates the peak."""
-    blk = parts[0]
-    b = ctr[C_BUMP]
-    if b < state.shape[0]:
-        ctr[C_BUMP] = b + 1
-    else:
-        b = ctr[C_HEAD]
-        _q_unlink(ring, link, ctr, b)
-        if blk[b, B_DEPTH] >= 0:
-            _unregister(parts, b)
-    state[b] = HELD
-    blk[b, B_REF] = 1
-    return b
-
-
-@njit(cache=True)
-def _q_peak(ctr):
-    if ctr[C_BUMP] - ctr[C_COUNT] > ctr[C_PEAK]:
-        ctr[C_PEAK] = ctr[C_BUMP] - ctr[C_COUNT]
-
-
-@njit(cache=True)
-def _cow(arena, tok, fill, state, ring, link, ctr, px, parts, bt, b):
-    """Copy shared block ``b`` (every layer, K and V, its tokens and fill)
-    into a new block, dropping one reference to ``b``; the new block."""
-    blk = parts[0]
-    c = _q_one(state, ring, link, ctr, parts)
-    bb = ctr[C_BLOCK_SIZE]
-    arena[c * bb:(c + 1) * bb] = arena[b * bb:(b + 1) * bb]
-    tok[c * bt:(c + 1) * bt] = tok[b * bt:(b + 1) * bt]
-    fill[c] = fill[b]
-    blk[b, B_REF] -= 1
-    if blk[b, B_REF] == 1:
-        px[P_SPLIT] -= 1
-    px[P_COW] += 1
-    return c
-
-
-@njit(cache=True)
-def _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, r):
-    """Drop row ``r``'s references, last block first (a block whose count
-    reaches 0 joins the free list's tail, keeping its content and hash),
-    clear the row and bump its generation; the number of blocks freed."""
-    ring, link = _parts(state, meta)
-    ctr = meta[:_N_COUNTERS]
-    blk = _px_parts(px)[0]
-    freed = 0
-    last = (lens[r] + bt - 1) // bt - 1
-    for j in range(last, -1, -1):
-        b = tables[r, j]
-        tables[r, j] = NO_BLOCK
-        blk[b, B_REF] -= 1
-        if j == last and lens[r] % bt != 0 and blk[b, B_REF] == 1:
-            px[P_SPLIT] -= 1
-        if blk[b, B_REF] == 0:
-            fill[b] = 0
-            state[b] = FREE
-            _q_push(ring, link, ctr, b)
-            freed += 1
-    lens[r] = -1
-    rowinfo[r, R_GEN] += 1
-    return freed
-
-
-@njit(cache=True)
-def _append_need(tables, lens, rowinfo, px, blk, bt, rows, scratch):
-    """Blocks that one more token per row takes (rows marked 2 skipped): a
-    new block for a full last block, a copy for a shared partial one (in
-    row order, the last holder in the batch keeps it)."""
-    need = 0
-    if px[P_SPLIT] == 0:
-        for i in range(rows.shape[0]):
-            r = rows[i]
-            if lens[r] % bt == 0 and rowinfo[r, R_MARK] != 2:
-                need += 1
-        return need
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        scratch[i] = -1
-        if rowinfo[r, R_MARK] == 2:
-            continue
-        L = lens[r]
-        if L % bt == 0:
-            need += 1
-        else:
-            b = tables[r, L // bt]
-            if blk[b, B_REF] > 1:
-                need += 1
-                blk[b, B_REF] -= 1               # for the rows after this one
-                scratch[i] = b
-    for i in range(rows.shape[0]):
-        if scratch[i] >= 0:
-            blk[scratch[i], B_REF] += 1
-    return need
-
-
-@njit(cache=True)
-def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
-                  tokens, preempt, info):
-    """One token per row: reserve its slot (a new block when the last is
-    full, a copy when it is shared) into ``batch[BATCH_OUT]``. Short of blocks:
-    ``_S_NO_SPACE``, or with ``preempt`` free the newest sequences
-    (``info[_INFO:]``: row, length, blocks freed; ``info[2]``: how many)
-    until the rest fit; a preempted row's slot is -1. Blocks that fill
-    become findable."""
-    state = _state_of(meta)
-    rows, out, pre = batch[BATCH_ROW], batch[BATCH_OUT], info[_INFO:]
-    n = rows.shape[0]
-    info[2] = 0
-    status = _check_rows(lens, rowinfo, batch, info)
-    if status != OK:
-        return status
-    for i in range(n):
-        L = lens[rows[i]]
-        col = L // bt
-        if tokens[i] < 0:
-            info[0] = i
-            return _S_BAD_TOKEN
-        if L == col * bt and col >= tables.shape[1]:
-            info[0] = col + 1
-            return _S_GROW
-    ring, link = _parts(state, meta)
-    ctr = meta[:_N_COUNTERS]
-    parts = _px_parts(px)
-    blk = parts[0]
-    mask = px.view(np.uint64)[P_MASK]
-    need = _append_need(tables, lens, rowinfo, px, blk, bt, rows, out)
-    free = _free_count(state, meta)
-    npre = 0
-    if need > free and preempt != 0:
-        for i in range(n):                 # batch members: R_MARK 1
-            rowinfo[rows[i], R_MARK] = 1
-    while need > free:
-        if preempt == 0:
-            info[0] = need
-            info[1] = free
-            return _S_NO_SPACE
-        best = -1
-        newest = -1
-        for r in range(lens.shape[0]):
-            if lens[r] >= 0 and rowinfo[r, R_ADDED] > newest:
-                newest = rowinfo[r, R_ADDED]
-                best = r
-        if best < 0:
-            break
-        if rowinfo[best, R_MARK] == 1:
-            rowinfo[best, R_MARK] = 2
-        pre[3 * npre] = best
-        pre[3 * npre + 1] = lens[best]
-        freed = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, best)
-        pre[3 * npre + 2] = freed
-        npre += 1
-        free += freed
-        need = _append_need(tables, lens, rowinfo, px, blk, bt, rows, out)
-    info[2] = npre
-    on = px[P_ON] != 0
-    split = px[P_SPLIT] != 0
-    for i in range(n):
-        r = rows[i]
-        if npre > 0 and rowinfo[r, R_MARK] == 2:
-            out[i] = NO_BLOCK
-            continue
-        L = lens[r]
-        col = L // bt
-        off = L - col * bt
-        if off == 0:
-            b = _q_one(state, ring, link, ctr, parts)
-            tables[r, col] = b
-        else:
-            b = tables[r, col]
-            if split and blk[b, B_REF] > 1:
-                b = _cow(arena, tok, fill, state, ring, link, ctr, px, parts, bt, b)
-                tables[r, col] = b
-        fill[b] = off + 1
-        s = b * bt + off
-        tok[s] = tokens[i]
-        lens[r] = L + 1
-        out[i] = s
-        if on and off == bt - 1:
-            _register(tok, parts, mask, bt, b, tables[r, col - 1] if col > 0 else -1, col)
-    _q_peak(ctr)
-    if npre > 0:
-        _unmark(rowinfo, rows)
-    return OK
-
-
-@njit(cache=True)
-def _paged_extend(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, row,
-                  tokens, stamp, out, info):
-    """Append ``tokens`` to one row, slots into ``out``; with ``stamp >= 0``
-    the row is free and becomes a new sequence added at ``stamp``, sharing
-    the longest verified run of cached blocks (prefix caching on; the
-    tokens it covers in ``info[3]``). A shared partial last block is copied
-    first. Blocks that fill become findable."""
-    state = _state_of(meta)
-    n = tokens.shape[0]
-    for i in range(n):
-        if tokens[i] < 0:
-            info[0] = i
-            return _S_BAD_TOKEN
-    new = stamp >= 0
-    L = 0 if new else lens[row]
-    have = (L + bt - 1) // bt
-    total = (L + n + bt - 1) // bt
-    if total > tables.shape[1]:
-        info[0] = total
-        return _S_GROW
-    ring, link = _parts(state, meta)
-    ctr = meta[:_N_COUNTERS]
-    parts = _px_parts(px)
-    blk = parts[0]
-    mask = px.view(np.uint64)[P_MASK]
-    on = px[P_ON] != 0
-    hit = 0
-    revive = 0                             # hits that are free now
-    if new and on:
-        hit = _lookup(tok, px, bt, tokens, out)      # ``out`` as scratch
-        for j in range(hit):
-            if blk[out[j], B_REF] == 0:
-                revive += 1
-    cow = 1 if (n > 0 and L % bt != 0 and blk[tables[row, have - 1], B_REF] > 1) else 0
-    need = total - have - hit + cow
-    free = _free_count(state, meta) - revive
-    if need > free:
-        info[0] = need
-        info[1] = free
-        return _S_NO_SPACE
-    for j in range(hit):
-        b = out[j]
-        if blk[b, B_REF] == 0:
-            _q_unlink(ring, link, ctr, b)
-            state[b] = HELD
-            fill[b] = bt
-        blk[b, B_REF] += 1
-        tables[row, j] = b
-    if cow:
-        tables[row, have - 1] = _cow(arena, tok, fill, state, ring, link, ctr, px,
-                                     parts, bt, tables[row, have - 1])
-    for j in range(have + hit, total):
-        tables[row, j] = _q_one(state, ring, link, ctr, parts)
-    _q_peak(ctr)
-    skip = hit * bt
-    for i in range(n):
-        p = L + i
-        col = p // bt
-        b = tables[row, col]
-        off = p - col * bt
-        s = b * bt + off
-        out[i] = s
-        if i < skip:
-            continue
-        tok[s] = tokens[i]
-        fill[b] = off + 1
-        if on and off == bt - 1:
-            _register(tok, parts, mask, bt, b, tables[row, col - 1] if col > 0 else -1, col)
-    lens[row] = L + n
-    if new:
-        rowinfo[row, R_ADDED] = stamp
-        if on:
-            px[P_REQS] += 1
-            px[P_QUERIES] += n
-            px[P_HITS] += skip
-    info[3] = skip
-    return OK
-
-
-@njit(cache=True)
-def _paged_remove(tables, lens, fill, rowinfo, meta, px, bt, batch, info):
-    """Free whole rows, in order (blocks freed per row into ``batch[BATCH_OUT]``);
-    ``OK`` or a status, freeing nothing."""
-    status = _check_rows(lens, rowinfo, batch, info)
-    if status != OK:
-        return status
-    state = _state_of(meta)
-    rows = batch[BATCH_ROW]
-    for i in range(rows.shape[0]):
-        batch[BATCH_OUT, i] = _release_row(tables, lens, fill, rowinfo, state, meta, px, bt,
-                                       rows[i])
-    return OK
-
-
-@njit(cache=True)
-def _paged_fork(tables, lens, rowinfo, px, bt, src, dst, stamp):
-    """Row ``dst`` (free) becomes a sequence added at ``stamp`` sharing every
-    block of row ``src``: one more reference each."""
-    blk = _px_parts(px)[0]
-    nb = (lens[src] + bt - 1) // bt
-    for j in range(nb):
-        b = tables[src, j]
-        tables[dst, j] = b
-        blk[b, B_REF] += 1
-    if lens[src] % bt != 0 and blk[tables[src, nb - 1], B_REF] == 2:
-        px[P_SPLIT] += 1
-    lens[dst] = lens[src]
-    rowinfo[dst, R_ADDED] = stamp
-
-
-@njit(cache=True)
-def _paged_reset(px):
-    """Forget every cached hash."""
-    blk, blku, keys, vals = _px_parts(px)
-    for b in range(blk.shape[0]):
-        blk[b, B_DEPTH] = -1
-    vals[:] = -1
-
-
-@njit(cache=True)
-def _paged_swap(tables, lens, rowinfo, pairs):
-    """Swap table rows pairwise, in order, bumping both generations."""
-    for k in range(pairs.shape[0]):
-        a, b = pairs[k, 0], pairs[k, 1]
-        for j in range(tables.shape[1]):
-            t = tables[a, j]
-            tables[a, j] = tables[b, j]
-            tables[b, j] = t
-        t = lens[a]
-        lens[a] = lens[b]
-        lens[b] = t
-        t = rowinfo[a, R_ADDED]
-        rowinfo[a, R_ADDED] = rowinfo[b, R_ADDED]
-        rowinfo[b, R_ADDED] = t
-        rowinfo[a, R_GEN] += 1
-        rowinfo[b, R_GEN] += 1
-
-
-@njit(cache=True)
-def _paged_width(lens, rowinfo, bt, batch, info):
-    """The most blocks any of the rows holds, or a (negative) status."""
-    status = _check_rows(lens, rowinfo, batch, info)
-    if status != OK:
-        return status
-    rows = batch[BATCH_ROW]
-    longest = 0
-    for i in range(rows.shape[0]):
-        longest = max(longest, lens[rows[i]])
-    return (longest + bt - 1) // bt
-
-
-@njit(cache=True)
-def _paged_table(tables, lens, rowinfo, bt, batch, info):
-    """(status, table, lens): copies of the rows' tables, padded with -1,
-    and their lengths."""
-    rows = batch[BATCH_ROW]
-    n = rows.shape[0]
-    width = _paged_width(lens, rowinfo, bt, batch, info)
-    if width < 0:
-        return width, np.empty((0, 0), np.int32), np.empty(0, np.int32)
-    table = np.full((n, width), NO_BLOCK, np.int32)
-    out = np.empty(n, np.int32)
-    for i in range(n):
-        r = rows[i]
-        out[i] = lens[r]
-        for j in range((lens[r] + bt - 1) // bt):
-            table[i, j] = tables[r, j]
-    return OK, table, out
-
-
-@njit(cache=True)
-def _paged_store(kv, fill, meta, blk, bt, layers, layer, slots, k, v, info):
-    """Write rows of ``k`` and ``v`` (``[T, kv_heads * head_dim]``, the
-    cache's element type) at ``slots`` of ``layer``; checked first: each a
-    reserved slot (else ``_S_BAD_SLOT``) of a block held once (else
-    ``_S_SHARED_SLOT``). A run of consecutive slots within a block is one
-    contiguous copy each for K and V (a slot given twice: its last row
-    wins, as in order)."""
-    state = _state_of(meta)
-    nblk = state.shape[0]
-    T = slots.shape[0]
-    e = k.shape[1]
-    for i in range(T):
-        s = slots[i]
-        b = s // bt
-        if s < 0 or b >= nblk or state[b] != HELD or s - b * bt >= fill[b]:
-            info[0] = i
-            return _S_BAD_SLOT
-        if blk[b, B_REF] > 1:
-            info[0] = i
-            info[1] = blk[b, B_REF]
-            return _S_SHARED_SLOT
-    kf, vf = k.reshape(T * e), v.reshape(T * e)
-    i = 0
-    while i < T:
-        s = slots[i]
-        b = s // bt
-        m = 1                              # the run: slots s .. s + m - 1
-        end = (b + 1) * bt
-        while i + m < T and slots[i + m] == s + m and s + m < end:
-            m += 1
-        lo = (((b * layers + layer) * 2) * bt + s - b * bt) * e
-        ks, vs = kf[i * e:(i + m) * e], vf[i * e:(i + m) * e]
-        kd, vd = kv[lo:lo + m * e], kv[lo + bt * e:lo + (bt + m) * e]
-        for j in range(ks.shape[0]):       # views: the loops vectorize
-            kd[j] = ks[j]
-        for j in range(vs.shape[0]):
-            vd[j] = vs[j]
-        i += m
-    return OK
-
-
-@njit(cache=True)
-def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, batch,
-                  info):
-    """(status, k, v, lens): the rows' K and V of ``layer`` as
-    ``[B, longest, e]`` copies, zero-padded, and their lengths."""
-    rows = batch[BATCH_ROW]
-    n = rows.shape[0]
-    status = _check_rows(lens, rowinfo, batch, info)
-    width = 0
-    if status == OK:
-        for i in range(n):
-            width = max(width, lens[rows[i]])
-    else:
-        n = 0
-    k = np.zeros((n, width, e), kv.dtype)
-    v = np.zeros((n, width, e), kv.dtype)
-    out = np.empty(n, np.int32)
-    for i in range(n):
-        r = rows[i]
-        out[i] = lens[r]
-        for t in range(lens[r]):
-            b = tables[r, t // bt]
-            lo = (((b * layers + layer) * 2) * bt + t % bt) * e
-            k[i, t] = kv[lo:lo + e]
-            v[i, t] = kv[lo + bt * e:lo + bt * e + e]
-    return status, k, v, out
-
-
-@njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
-def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
-                     q, batch, qlens, scale, info):
-    """(status, out): causal attention of ``q`` (float32 ``[T, q_heads,
-    head_dim]``, ``qlens[i]`` queries per row, each row's last tokens) over
-    the rows' stored K and V; float32 throughout, softmax per query."""
-    rows = batch[BATCH_ROW]
-    n = rows.shape[0]
-    T, qh, hd = q.shape[0], q.shape[1], q.shape[2]
-    out = np.zeros((T, qh, hd), np.float32)
-    status = _check_rows(lens, rowinfo, batch, info)
-    if status != OK:
-        return status, out
-    total = 0
-    longest = 1
-    most = 1
-    for i in range(n):
-        ql = qlens[i]
-        if ql < 0 or ql > lens[rows[i]]:
-            info[0] = i
-            return _S_BAD_QLEN, out
-        total += ql
-        if ql > 0:
-            longest = max(longest, lens[rows[i]])
-            most = max(most, ql)
-    if total != T:
-        info[0] = -1
-        info[1] = total
-        return _S_BAD_QLEN, out
-    group = qh // kvh
-    e = kvh * hd
-    sc = np.float32(scale)
-    p = np.empty((most * group, longest), np.float32)
-    zinv = np.empty(most * group, np.float32)
-    row = np.empty(hd, np.float32)
-    qs = 0
-    for i in range(n):
-        r = rows[i]
-        L = lens[r]
-        nq = qlens[i]
-        if nq == 0:
-            continue
-        first = L - nq                     # position of the first query
-        for g in range(kvh):
-            for t in range(L):             # scores: p[j * group + hh, t]
-                b = tables[r, t // bt]
-                lo = (((b * layers + layer) * 2) * bt + t % bt) * e + g * hd
-                for d in range(hd):
-                    row[d] = _f32(kv[lo + d], lut)
-                for j in range(max(t - first, 0), nq):
-                    for hh in range(group):
-                        qv = q[qs + j, g * group + hh]
-                        s = np.float32(0.0)
-                        for d in range(hd):
-                            s += qv[d] * row[d]
-                        p[j * group + hh, t] = s * sc
-            for j in range(nq):            # softmax over positions 0..first+j
-                last = first + j
-                for hh in range(group):
-                    pr = p[j * group + hh]
-                    m = pr[0]
-                    for t in range(1, last + 1):
-                        m = max(m, pr[t])
-                    z = np.float32(0.0)
-                    for t in range(last + 1):
-                        w = np.exp(pr[t] - m)
-                        pr[t] = w
-                        z += w
-                    zinv[j * group + hh] = np.float32(1.0) / z
-            for t in range(L):             # weighted values
-                b = tables[r, t // bt]
-                lo = (((b * layers + layer) * 2 + 1) * bt + t % bt) * e + g * hd
-                for d in range(hd):
-                    row[d] = _f32(kv[lo + d], lut)
-                for j in range(max(t - first, 0), nq):
-                    for hh in range(group):
-                        w = p[j * group + hh, t]
-                        o = out[qs + j, g * group + hh]
-                        for d in range(hd):
-                            o[d] += w * row[d]
-            for j in range(nq):
-                for hh in range(group):
-                    o = out[qs + j, g * group + hh]
-                    z = zinv[j * group + hh]
-                    for d in range(hd):
-                        o[d] *= z
-        qs += nq
-    return OK, out
-
-
-@dataclasses.dataclass(frozen=True)
-class PagedStats(_Snapshot):
-    """A snapshot of a paged cache's statistics.
-
-    num_blocks         blocks in the arena
-    block_tokens       token slots per block
-    free_blocks        blocks that can be handed out now
-    used_blocks        blocks held by sequences
-    peak_used_blocks   the most blocks in use at once
-    sequences          live sequences
-    tokens             their tokens (reserved slots)
-    preemptions        sequences freed by preempt="newest"
-    unused_slots       internal fragmentation: the free slots in the
-                       sequences' last blocks
-    fragmentation      unused_slots / (used_blocks * block_tokens), or 0.0
-    prefix_requests    sequences added with prefix caching on
-    prefix_queries     their prompt tokens, looked up
-    prefix_hits        prompt tokens found cached (shared, not computed)
-    prefix_hit_rate    prefix_hits / prefix_queries, or 0.0
-    cached_blocks      free blocks still findable by their hash
-    shared_blocks      blocks held by more than one sequence
-    cow_copies         shared blocks copied before an append wrote to them
-    """
-    num_blocks: int
-    block_tokens: int
-    free_blocks: int
-    used_blocks: int
-    peak_used_blocks: int
-    sequences: int
-    tokens: int
-    preemptions: int
-    unused_slots: int
-    fragmentation: float
-    prefix_requests: int
-    prefix_queries: int
-    prefix_hits: int
-    prefix_hit_rate: float
-    cached_blocks: int
-    shared_blocks: int
-    cow_copies: int
-
-
-@dataclasses.dataclass(frozen=True)
-class SequenceReport:
-    """A sequence leaving a paged cache: delivered to its listeners."""
-    seq: object
-    reason: str              # "remove" or "preempt"
-    length: int              # its tokens
-    blocks_freed: int        # blocks no other sequence held
-    timestamp: float         # time.monotonic() at the removal
-
-
-class SeqRows:
-    """A batch of sequences placed in rows 0..B-1 of a paged cache's block
-    table, made by ``PagedKVCache.rows(seqs)``. ``append``, ``block_table``,
-    ``attention``, ``gather`` and ``blocks_needed`` take it in place of the
-    sequence ids and then do no lookups or allocations: ``block_table``
-    returns views of the cache's table, and ``append`` returns the handle's
-    own slot array, overwritten by its next ``append``.
-    A handle goes stale (``KeyError`` when used) once one of its sequences
-    is removed, preempted or moved by a later ``rows`` call."""
-
-    __slots__ = ("seqs", "_batch", "_cache")
-
-    def __init__(self, seqs, batch, cache):
-        self.seqs = seqs          # tuple of the sequence ids, in row order
-        self._batch = batch       # int64 [3, B]: rows, generations, slots
-        self._cache = cache
-
-    def __len__(self):
-        return len(self.seqs)
-
-    def __repr__(self):
-        return f"SeqRows({len(self.seqs)} sequences)"
-
-
-_I64 = np.dtype(np.int64)
 _PAGED_FNS = {}       # element dtype -> {kernel name -> entry point}, shared by
                       # all caches of that dtype (their kernels' arguments
                       # have one type each)
