@@ -3397,6 +3397,14 @@ class PagedKVCache:
         batch[BATCH_GEN] = -1
         return batch, ids
 
+    def _ids_of(self, seqs):
+        """The sequence ids of ``seqs``: a ``SeqRows``'s own (looked up afresh
+        by the caller, so one gone since raises ``KeyError``), or ``seqs``."""
+        if type(seqs) is SeqRows:
+            self._rows(seqs)            # (another cache's rows: ValueError)
+            return list(seqs.seqs)
+        return seqs
+
     def _ints(self, values, name, n=None):
         """``values`` as a C-contiguous int64 array (of length ``n``): as it
         is when it is one already, else converted (a copy)."""
@@ -3432,8 +3440,8 @@ class PagedKVCache:
         if x.shape != (n, self.kv_heads, self.head_dim):
             raise ValueError(f"{name} has shape {x.shape}, expected "
                              f"{(n, self.kv_heads, self.head_dim)}")
-        if x.dtype != self.dtype:
-            x = x.astype(self.dtype)          # converted, never reinterpreted
+        if x.dtype != self.dtype:             # converted, never reinterpreted,
+            x = x.astype(self.dtype, order="C")   # and C-contiguous like a copy
         elif not (x.flags.c_contiguous and x.flags.writeable):
             x = x.copy()
         return x.view(self._bits_dtype).reshape(n, self._e)
@@ -3622,7 +3630,7 @@ class PagedKVCache:
         """Drop several sequences' references, in order, each last block
         first (a block no one else holds joins the free list's tail);
         all-or-nothing. One compiled call, O(B + blocks)."""
-        batch, ids = self._rows(list(seqs) if type(seqs) is SeqRows else seqs)
+        batch, ids = self._rows(self._ids_of(seqs))
         rows = batch[BATCH_ROW]
         lengths = self._lens[rows].tolist() if self._listeners else None
         status = self._kernel("remove", _paged_remove, (
@@ -3693,7 +3701,7 @@ class PagedKVCache:
         n = _as_int(n, "n")
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
-        rows = self._rows(seqs)[0][BATCH_ROW]
+        rows = self._rows(self._ids_of(seqs))[0][BATCH_ROW]
         lens = self._lens[rows].astype(np.int64)
         bt = self.block_tokens
         need = int((-(-(lens + n) // bt) - (-(-lens // bt))).sum())
@@ -3810,7 +3818,7 @@ class PagedKVCache:
                              f"{self.head_dim}] with q_heads a multiple of "
                              f"kv_heads={self.kv_heads}")
         if not (q.dtype == np.float32 and q.flags.c_contiguous and q.flags.writeable):
-            q = np.array(q, np.float32)
+            q = np.array(q, np.float32, order="C")   # the entry point takes C only
         qlens = np.ones(n, np.int64) if q_lens is None else self._ints(q_lens, "q_lens", n)
         if scale is None:
             scale = 1.0 / float(np.sqrt(self.head_dim))

@@ -4232,6 +4232,45 @@ def test_paged_blocks_needed_and_stats():
     assert s.fragmentation == pytest.approx(3 / 12)
 
 
+def test_paged_inputs_in_any_layout_give_the_same_answer():
+    # the kernels' entry points take C-contiguous arrays only: F-ordered or
+    # strided q, k and v are copied to C order first, whichever call comes first
+    rng = np.random.default_rng(7)
+    results = []
+    for order in ("F", "C"):
+        c = paged_cache(dtype=np.float16, kv_heads=1)
+        c.add("a", [1, 2, 3, 4, 5])
+        k = np.asarray(rng.standard_normal((5, 1, 4)), order=order)   # float64
+        c.store(0, c.slots("a"), k, k[::1] * 2)
+        q = np.asarray(rng.standard_normal((1, 2, 4)), order=order)
+        kk, vv, lens = c.gather(0, ["a"])
+        assert np.array_equal(kk[0, :5], k.astype(np.float16))
+        assert np.array_equal(vv[0, :5], (k * 2).astype(np.float16))
+        results.append((c.attention(0, q, ["a"]), c.attention(0, np.ascontiguousarray(q), ["a"])))
+        c.check_invariants()
+    for got, want in results:
+        assert np.array_equal(got, want)
+
+
+def test_paged_handles_in_blocks_needed_and_remove_many():
+    c = paged_cache()
+    for s in ("a", "b"):
+        c.add(s, [1, 2, 3])
+    rows = c.rows(["a", "b"])
+    assert c.blocks_needed(rows, 2) == 2          # both cross into a new block
+    c.remove("a")
+    with pytest.raises(KeyError, match="no sequence 'a'"):
+        c.blocks_needed(rows)                      # a stale handle is refused
+    rows = c.rows(["b"])
+    c.remove_many(rows)
+    assert len(c) == 0
+    other = paged_cache()
+    other.add("x", [1])
+    with pytest.raises(ValueError, match="another cache"):
+        c.blocks_needed(other.rows(["x"]))
+    c.check_invariants()
+
+
 def test_paged_readme_decode_loop():
     printed = []
     env = {"print": printed.append}
