@@ -641,6 +641,14 @@ def readme_blocks():
     return [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
 
 
+def run_readme_block(i):
+    """Run the README's python block ``i``; (its namespace, what it printed)."""
+    printed = []
+    env = {"print": printed.append}
+    exec(compile(readme_blocks()[i], f"README block {i}", "exec"), env)
+    return env, printed
+
+
 def test_readme_examples_run():
     # the manager's two examples and the pool's compiled loop; the paged
     # cache's decode loop and sharing example run in their own rooms
@@ -4272,9 +4280,7 @@ def test_paged_handles_in_blocks_needed_and_remove_many():
 
 
 def test_paged_readme_decode_loop():
-    printed = []
-    env = {"print": printed.append}
-    exec(compile(readme_blocks()[2], "README decode loop", "exec"), env)
+    env, printed = run_readme_block(2)
     c = env["c"]
     assert len(c) == 0 and c.free_blocks == c.num_blocks
     assert printed == [[11, 13]]
@@ -4651,13 +4657,8 @@ def test_paged_extend_fills_blocks_that_stay_writable():
     c.check_invariants()
 
 
-# -- the state machine, with the sharing rule ---------------------------------
-
-
 def test_paged_readme_sharing_example():
-    printed = []
-    env = {"print": printed.append}
-    exec(compile(readme_blocks()[3], "README sharing example", "exec"), env)
+    env, printed = run_readme_block(3)
     c = env["c"]
     assert env["covered"] == 32 and len(printed) == 2
     assert str(printed[0]).startswith("slot 0 (index 0) is in block 0, shared "
