@@ -1077,9 +1077,15 @@ _M64 = (1 << 64) - 1
 
 
 def _mix(h, x):
-    """One splitmix64 step of hash ``h`` with token ``x`` (Python ints)."""
-    z = ((int(h) ^ int(x)) + 0x9E3779B97F4A7C15) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    """Token ``x`` into hash ``h`` (Python ints): one multiply and a shift,
+    so that a block's 16 tokens cost little; ``_finish`` mixes the result."""
+    z = ((int(h) ^ int(x)) * 0x9E3779B97F4A7C15) & _M64
+    return z ^ (z >> 29)
+
+
+def _finish(h):
+    """The splitmix64 finalizer of a block's hash (Python ints)."""
+    z = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
     return z ^ (z >> 31)
 
@@ -1087,8 +1093,15 @@ def _mix(h, x):
 @overload(_mix)
 def _mix_compiled(h, x):
     def impl(h, x):
-        z = (np.uint64(h) ^ np.uint64(x)) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (np.uint64(h) ^ np.uint64(x)) * np.uint64(0x9E3779B97F4A7C15)
+        return z ^ (z >> np.uint64(29))
+    return impl
+
+
+@overload(_finish)
+def _finish_compiled(h):
+    def impl(h):
+        z = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
     return impl
@@ -1112,7 +1125,7 @@ def _block_hash(tokens, lo, bt, ph, mask):
     h = ph
     for i in range(lo, lo + bt):
         h = _mix(h, tokens[i])
-    return h & mask
+    return _finish(h) & mask
 
 
 @njit(cache=True)
@@ -1321,17 +1334,12 @@ def _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, r):
 
 
 @njit(cache=True)
-def _append_need(tables, lens, rowinfo, px, blk, bt, rows, scratch):
-    """Blocks that one more token per row takes (rows marked 2 skipped): a
-    new block for a full last block, a copy for a shared partial one (in
-    row order, the last holder in the batch keeps it)."""
+def _append_need(tables, lens, rowinfo, blk, bt, rows, scratch):
+    """Blocks that one more token per row takes while shared partial blocks
+    exist (rows marked 2 skipped): a new block for a full last block, a copy
+    for a shared partial one (in row order, the last holder in the batch
+    keeps it)."""
     need = 0
-    if px[P_SPLIT] == 0:
-        for i in range(rows.shape[0]):
-            r = rows[i]
-            if lens[r] % bt == 0 and rowinfo[r, R_MARK] != 2:
-                need += 1
-        return need
     for i in range(rows.shape[0]):
         r = rows[i]
         scratch[i] = -1
@@ -1359,8 +1367,8 @@ def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
     full, a copy when it is shared) into ``batch[BATCH_OUT]``. Short of blocks:
     ``_S_NO_SPACE``, or with ``preempt`` free the newest sequences
     (``info[_INFO:]``: row, length, blocks freed; ``info[2]``: how many)
-    until the rest fit; a preempted row's slot is -1. Blocks that fill
-    become findable."""
+    until the rest fit; a preempted row's slot is -1. With prefix caching
+    the token ids are kept and blocks that fill become findable."""
     state = _state_of(meta)
     rows, out, pre = batch[BATCH_ROW], batch[BATCH_OUT], info[_INFO:]
     n = rows.shape[0]
@@ -1368,21 +1376,27 @@ def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
     status = _check_rows(lens, rowinfo, batch, info)
     if status != OK:
         return status
+    width = tables.shape[1]
+    need = 0                               # (exact unless blocks are split)
     for i in range(n):
         L = lens[rows[i]]
         col = L // bt
         if tokens[i] < 0:
             info[0] = i
             return _S_BAD_TOKEN
-        if L == col * bt and col >= tables.shape[1]:
-            info[0] = col + 1
-            return _S_GROW
+        if L == col * bt:
+            if col >= width:
+                info[0] = col + 1
+                return _S_GROW
+            need += 1
     ring, link = _parts(state, meta)
     ctr = meta[:_N_COUNTERS]
     parts = _px_parts(px)
     blk = parts[0]
     mask = px.view(np.uint64)[P_MASK]
-    need = _append_need(tables, lens, rowinfo, px, blk, bt, rows, out)
+    split = px[P_SPLIT] != 0
+    if split:
+        need = _append_need(tables, lens, rowinfo, blk, bt, rows, out)
     free = _free_count(state, meta)
     npre = 0
     if need > free and preempt != 0:
@@ -1409,10 +1423,10 @@ def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
         pre[3 * npre + 2] = freed
         npre += 1
         free += freed
-        need = _append_need(tables, lens, rowinfo, px, blk, bt, rows, out)
+        split = px[P_SPLIT] != 0
+        need = _append_need(tables, lens, rowinfo, blk, bt, rows, out)
     info[2] = npre
     on = px[P_ON] != 0
-    split = px[P_SPLIT] != 0
     for i in range(n):
         r = rows[i]
         if npre > 0 and rowinfo[r, R_MARK] == 2:
@@ -1431,11 +1445,13 @@ def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
                 tables[r, col] = b
         fill[b] = off + 1
         s = b * bt + off
-        tok[s] = tokens[i]
         lens[r] = L + 1
         out[i] = s
-        if on and off == bt - 1:
-            _register(tok, parts, mask, bt, b, tables[r, col - 1] if col > 0 else -1, col)
+        if on:
+            tok[s] = tokens[i]
+            if off == bt - 1:
+                _register(tok, parts, mask, bt, b, tables[r, col - 1] if col > 0 else -1,
+                          col)
     _q_peak(ctr)
     if npre > 0:
         _unmark(rowinfo, rows)
@@ -1507,10 +1523,12 @@ def _paged_extend(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, row,
         out[i] = s
         if i < skip:
             continue
-        tok[s] = tokens[i]
         fill[b] = off + 1
-        if on and off == bt - 1:
-            _register(tok, parts, mask, bt, b, tables[row, col - 1] if col > 0 else -1, col)
+        if on:
+            tok[s] = tokens[i]
+            if off == bt - 1:
+                _register(tok, parts, mask, bt, b, tables[row, col - 1] if col > 0 else -1,
+                          col)
     lens[row] = L + n
     if new:
         rowinfo[row, R_ADDED] = stamp
@@ -4172,7 +4190,7 @@ def _audit_prefix(c, tables, r_idx, c_idx):
         h = ph
         for t in tok[b * bt:(b + 1) * bt].tolist():
             h = _mix(h, t)
-        if h & mask != int(blku[b, B_HASH]):
+        if _finish(h) & mask != int(blku[b, B_HASH]):
             _fail(f"block {b}: its stored tokens and parent hash do not hash to "
                   f"{int(blku[b, B_HASH]):#x}")
 
