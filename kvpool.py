@@ -1334,6 +1334,24 @@ def _release_row(tables, lens, fill, rowinfo, state, meta, px, bt, r):
 
 
 @njit(cache=True)
+def _shift_of(bt):
+    """log2(``bt``) for a power of two, else -1: ``_col`` then shifts."""
+    if bt & (bt - 1) != 0:
+        return -1
+    sh = 0
+    while (1 << sh) < bt:
+        sh += 1
+    return sh
+
+
+@njit(cache=True)
+def _col(p, bt, sh):
+    """``p // bt`` (``p >= 0``), by a shift when ``sh >= 0``: the decode step
+    divides once per row, and a division costs 10-40 cycles."""
+    return p >> sh if sh >= 0 else p // bt
+
+
+@njit(cache=True)
 def _append_need(tables, lens, rowinfo, blk, bt, rows, scratch):
     """Blocks that one more token per row takes while shared partial blocks
     exist (rows marked 2 skipped): a new block for a full last block, a copy
@@ -1377,10 +1395,11 @@ def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
     if status != OK:
         return status
     width = tables.shape[1]
+    sh = _shift_of(bt)
     need = 0                               # (exact unless blocks are split)
     for i in range(n):
         L = lens[rows[i]]
-        col = L // bt
+        col = _col(L, bt, sh)
         if tokens[i] < 0:
             info[0] = i
             return _S_BAD_TOKEN
@@ -1433,7 +1452,7 @@ def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
             out[i] = NO_BLOCK
             continue
         L = lens[r]
-        col = L // bt
+        col = _col(L, bt, sh)
         off = L - col * bt
         if off == 0:
             b = _q_one(state, ring, link, ctr, parts)
