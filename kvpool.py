@@ -972,27 +972,41 @@ _S_BAD_SLOT = -25     # info[0]: index of a slot no live token owns
 _S_BAD_QLEN = -26     # info[0]: index of a bad q_len, or -1 (sum != T, in info[1])
 _S_SHARED_SLOT = -27  # info[0]: index of a slot in a shared block, info[1]: its holders
 
-_F16_TABLE = None     # float16 bits -> float32, built on first use
+_F16_SCALE = 2.0 ** 112   # float16 magnitude bits << 13, read as float32, times
+                          # this is the float16's value (normals and subnormals)
 
 
-def _f16_table():
-    global _F16_TABLE
-    if _F16_TABLE is None:
-        _F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
-    return _F16_TABLE
+def _to_f32(src, lo, n, bits, dst):
+    """``src[lo:lo + n]`` as float32 into ``dst`` (``bits`` is ``dst`` viewed
+    as uint32): float16 stored as its ``uint16`` bits converted exactly,
+    float32 copied."""
+    part = src[lo:lo + n]
+    dst[:] = part.view(np.float16) if part.dtype == np.uint16 else part
 
 
-def _f32(x, lut):
-    """One stored element as float32: float16 bits (``uint16``) through
-    ``lut``, a float32 as it is."""
-    return lut[x] if isinstance(x, (np.uint16, int)) else np.float32(x)
+@overload(_to_f32)
+def _to_f32_compiled(src, lo, n, bits, dst):
+    if isinstance(src.dtype, nb_types.Integer):
+        # numba has no float16 arithmetic. Two passes that vectorize: the
+        # magnitude's bits shifted into float32's place (Inf/NaN given
+        # float32's top exponent), then scaled by +-2**112 as a float: exact,
+        # a power of two.
+        def impl(src, lo, n, bits, dst):
+            part = src[lo:lo + n]
+            for i in range(n):
+                m = np.uint32(part[i]) & np.uint32(0x7FFF)
+                top = np.uint32(0x7F800000) if m >= np.uint32(0x7C00) else np.uint32(0)
+                bits[i] = (m << np.uint32(13)) | top
+            for i in range(n):
+                neg = part[i] & np.uint16(0x8000)
+                dst[i] *= np.float32(-_F16_SCALE) if neg else np.float32(_F16_SCALE)
+        return impl
 
-
-@overload(_f32)
-def _f32_compiled(x, lut):
-    if isinstance(x, nb_types.Integer):
-        return lambda x, lut: lut[x]
-    return lambda x, lut: x
+    def impl(src, lo, n, bits, dst):
+        part = src[lo:lo + n]
+        for i in range(n):
+            dst[i] = part[i]
+    return impl
 
 
 @njit(cache=True)
@@ -1721,11 +1735,13 @@ def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, batch,
 
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
-def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
-                     q, batch, qlens, scale, info):
+def _paged_attention(kv, tables, lens, rowinfo, bt, layers, layer, kvh, q, batch,
+                     qlens, scale, info):
     """(status, out): causal attention of ``q`` (float32 ``[T, q_heads,
     head_dim]``, ``qlens[i]`` queries per row, each row's last tokens) over
-    the rows' stored K and V; float32 throughout, softmax per query."""
+    the rows' stored K and V; float32 throughout, softmax per query. Walks
+    each row's blocks in order, converting every token's K (then V) row
+    once for all heads."""
     rows = batch[BATCH_ROW]
     n = rows.shape[0]
     T, qh, hd = q.shape[0], q.shape[1], q.shape[2]
@@ -1751,10 +1767,12 @@ def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
         return _S_BAD_QLEN, out
     group = qh // kvh
     e = kvh * hd
+    plane = bt * e                         # one block's K (or V) of one layer
     sc = np.float32(scale)
-    p = np.empty((most * group, longest), np.float32)
-    zinv = np.empty(most * group, np.float32)
-    row = np.empty(hd, np.float32)
+    p = np.empty((most, qh, longest), np.float32)    # scores, then weights
+    bits = np.empty(e, np.uint32)
+    row = bits.view(np.float32)            # one token's K or V, all heads
+    heads = row.reshape((kvh, hd))
     qs = 0
     for i in range(n):
         r = rows[i]
@@ -1763,49 +1781,45 @@ def _paged_attention(kv, lut, tables, lens, rowinfo, bt, layers, layer, kvh,
         if nq == 0:
             continue
         first = L - nq                     # position of the first query
-        for g in range(kvh):
-            for t in range(L):             # scores: p[j * group + hh, t]
-                b = tables[r, t // bt]
-                lo = (((b * layers + layer) * 2) * bt + t % bt) * e + g * hd
-                for d in range(hd):
-                    row[d] = _f32(kv[lo + d], lut)
+        qi = q[qs:qs + nq]                 # (slices made once per row: the
+        oi = out[qs:qs + nq]               # inner loops index by loop counters)
+        nb = (L + bt - 1) // bt
+        for c in range(nb):                # scores, block by block
+            at = ((tables[r, c] * layers + layer) * 2) * plane - c * plane
+            for t in range(c * bt, min(L, c * bt + bt)):
+                _to_f32(kv, at + t * e, e, bits, row)
                 for j in range(max(t - first, 0), nq):
-                    for hh in range(group):
-                        qv = q[qs + j, g * group + hh]
+                    for h in range(qh):
+                        g = h // group
                         s = np.float32(0.0)
                         for d in range(hd):
-                            s += qv[d] * row[d]
-                        p[j * group + hh, t] = s * sc
-            for j in range(nq):            # softmax over positions 0..first+j
-                last = first + j
-                for hh in range(group):
-                    pr = p[j * group + hh]
-                    m = pr[0]
-                    for t in range(1, last + 1):
-                        m = max(m, pr[t])
-                    z = np.float32(0.0)
-                    for t in range(last + 1):
-                        w = np.exp(pr[t] - m)
-                        pr[t] = w
-                        z += w
-                    zinv[j * group + hh] = np.float32(1.0) / z
-            for t in range(L):             # weighted values
-                b = tables[r, t // bt]
-                lo = (((b * layers + layer) * 2 + 1) * bt + t % bt) * e + g * hd
-                for d in range(hd):
-                    row[d] = _f32(kv[lo + d], lut)
+                            s += qi[j, h, d] * heads[g, d]
+                        p[j, h, t] = s * sc
+        for j in range(nq):                # softmax over positions 0..first+j
+            last = first + j
+            for h in range(qh):
+                pr = p[j, h]
+                m = pr[0]
+                for t in range(1, last + 1):
+                    m = max(m, pr[t])
+                z = np.float32(0.0)
+                for t in range(last + 1):
+                    w = np.exp(pr[t] - m)
+                    pr[t] = w
+                    z += w
+                zinv = np.float32(1.0) / z
+                for t in range(last + 1):
+                    pr[t] *= zinv
+        for c in range(nb):                # weighted values
+            at = ((tables[r, c] * layers + layer) * 2 + 1) * plane - c * plane
+            for t in range(c * bt, min(L, c * bt + bt)):
+                _to_f32(kv, at + t * e, e, bits, row)
                 for j in range(max(t - first, 0), nq):
-                    for hh in range(group):
-                        w = p[j * group + hh, t]
-                        o = out[qs + j, g * group + hh]
+                    for h in range(qh):
+                        g = h // group
+                        w = p[j, h, t]
                         for d in range(hd):
-                            o[d] += w * row[d]
-            for j in range(nq):
-                for hh in range(group):
-                    o = out[qs + j, g * group + hh]
-                    z = zinv[j * group + hh]
-                    for d in range(hd):
-                        o[d] *= z
+                            oi[j, h, d] += w * heads[g, d]
         qs += nq
     return OK, out
 
@@ -3357,7 +3371,6 @@ class PagedKVCache:
         f16 = dt == np.float16
         self._bits = self._arena.view(np.uint16 if f16 else np.float32)
         self._bits_dtype = self._bits.dtype
-        self._lut = _f16_table() if f16 else np.zeros(1, np.float32)
         self._block_bytes = block_bytes
         self._e = e
         self._fill = np.zeros(num_blocks, np.int32)      # reserved slots per block
@@ -3863,7 +3876,7 @@ class PagedKVCache:
                 scale, (int, float, np.integer, np.floating)) or not np.isfinite(scale):
             raise TypeError(f"scale must be a finite number, got {scale!r}")
         fn = self._fn.get("attention")
-        args = (self._bits, self._lut, self._tables, self._lens, self._rowinfo,
+        args = (self._bits, self._tables, self._lens, self._rowinfo,
                 self.block_tokens, self.layers, layer, self.kv_heads, q, batch,
                 qlens, float(scale), self._info)
         status, out = fn(*args) if fn is not None else self._kernel(

@@ -3924,6 +3924,27 @@ def test_paged_float16_is_stored_converted_not_reinterpreted():
     assert np.array_equal(g[1][0], (-k).astype(np.float16))
 
 
+
+def test_paged_float16_bits_convert_exactly_in_compiled_code():
+    """Attention reads float16 K/V through ``_to_f32``: every one of the
+    65,536 bit patterns (subnormals, infinities, signed zeros) converts as
+    numpy converts it, NaN to NaN, in the compiled and the plain version."""
+    @numba.njit
+    def convert(src):
+        out = np.empty(src.shape[0], np.float32)
+        kvpool._to_f32(src, 0, src.shape[0], out.view(np.uint32), out)
+        return out
+
+    every = np.arange(1 << 16, dtype=np.uint16)
+    want = every.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    plain = np.empty(1 << 16, np.float32)
+    kvpool._to_f32(every, 0, 1 << 16, plain.view(np.uint32), plain)
+    for got in (convert(every), plain):
+        assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+        assert np.isnan(got[nan]).all()
+
+
 # -- preemption ---------------------------------------------------------------
 
 def test_paged_preemption_frees_newest_first_and_reports():
