@@ -1577,6 +1577,16 @@ class PrefixPeer:
             if b.ref_cnt == 0:
                 self._push(b)
 
+    def remove_many(self, rids):
+        for rid in rids:
+            self.remove(rid)
+
+    def __len__(self):
+        return len(self.reqs)
+
+    def __contains__(self, rid):
+        return rid in self.reqs
+
     def append(self, rids, tokens):
         """One token each; the preempted (newest first) get -1."""
         bt = self.bt
@@ -1627,67 +1637,39 @@ def admit(c, waiting, prompts, room, covered):
     return added
 
 
-def serve_prefix(c, prompts, decode, max_running):
+def serve_prefix(c, prompts, decode, max_running, tokens):
     """The shared-prefix trace, request by request as vLLM's scheduler runs
-    it: admit in order while it fits, one decode step for all running, the
-    newest preempted (and restarted) when short; (completed, preempted,
-    covered tokens per admission)."""
+    it, for either side: admit in order while it fits, one decode step for
+    all running (``tokens(step, n)``: each side's natural form), the newest
+    preempted (and restarted) when short, the finished removed together;
+    (completed, preempted, covered tokens per admission). Finishing steps
+    are scheduled on admission, so a step costs the same on both sides
+    whatever the batch holds."""
     waiting = collections.deque(range(len(prompts)))
-    running = {}
-    covered = []
-    completed = preempted = step = 0
-    while waiting or running:
-        for rid in admit(c, waiting, prompts, max_running - len(running), covered):
-            running[rid] = decode[rid]
-        ids = list(running)
-        step += 1
-        done = []
-        for rid, s in zip(ids, c.append(ids, [(step * 31 + r) % 32000 for r in ids])):
-            if s < 0:
-                del running[rid]
-                waiting.appendleft(rid)
-                preempted += 1
-            else:
-                running[rid] -= 1
-                if running[rid] == 0:
-                    done.append(rid)
-        for rid in done:
-            del running[rid]
-            c.remove(rid)
-            completed += 1
-    return completed, preempted, covered
-
-
-def serve_prefix_kv(c, prompts, decode, max_running):
-    """serve_prefix for a PagedKVCache, its per-step work in numpy: the same
-    admissions, steps, tokens and preemptions."""
-    waiting = collections.deque(range(len(prompts)))
-    ids, left = [], np.zeros(0, np.int64)
+    ids, ends, end_of = [], {}, {}      # running; step -> finishing; id -> its step
     covered = []
     completed = preempted = step = 0
     while waiting or ids:
         added = admit(c, waiting, prompts, max_running - len(ids), covered)
-        if added:
-            ids = ids + added
-            left = np.concatenate([left, np.array([decode[r] for r in added], np.int64)])
-            arr = np.array(ids, np.int64)
+        for rid in added:
+            end_of[rid] = end = step + decode[rid]
+            ends.setdefault(end, []).append(rid)
+        ids += added
         step += 1
-        slots = c.append(ids, (step * 31 + arr) % 32000)
-        left -= 1
-        gone = slots < 0
-        done = (left == 0) & ~gone
-        if gone.any() or done.any():
-            if gone.any():
-                for i in np.flatnonzero(gone)[::-1].tolist():
-                    waiting.appendleft(ids[i])
-                preempted += int(gone.sum())
-            fin = np.flatnonzero(done).tolist()
-            if fin:
-                c.remove_many([ids[i] for i in fin])
-                completed += len(fin)
-            keep = np.flatnonzero(~(gone | done))
-            ids = [ids[i] for i in keep.tolist()]
-            left, arr = left[keep], arr[keep]
+        c.append(ids, tokens(step, len(ids)))
+        if len(c) < len(ids):                           # preempted, newest first
+            gone = [rid for rid in ids if rid not in c]
+            for rid in reversed(gone):
+                ends[end_of.pop(rid)].remove(rid)
+                waiting.appendleft(rid)
+            preempted += len(gone)
+            ids = [rid for rid in ids if rid in c]
+        done = ends.pop(step, None)
+        if done:
+            c.remove_many(done)
+            completed += len(done)
+            finished = set(done)
+            ids = [rid for rid in ids if rid not in finished]
     return completed, preempted, covered
 
 
@@ -1701,11 +1683,17 @@ def paged_prefix(cfg):
     peak = sum(sorted(-(-(len(p) + d) // bt) for p, d in zip(prompts, decode))[-running:])
     blocks = peak // 2
     arrays = [np.array(p, np.int64) for p in prompts]     # each side's natural form
+
+    def kv_tokens(step, n):
+        return (np.arange(n) + step) % 32000
+
+    def peer_tokens(step, n):
+        return [(step + i) % 32000 for i in range(n)]
     out = {}
 
     def run(c, tag):
-        out[tag] = (serve_prefix(c, prompts, decode, running) if tag == "peer"
-                    else serve_prefix_kv(c, arrays, decode, running))
+        out[tag] = (serve_prefix(c, prompts, decode, running, peer_tokens) if tag == "peer"
+                    else serve_prefix(c, arrays, decode, running, kv_tokens))
 
     kv = timed(lambda c: run(c, "kv"), 1, cfg.repeats,
                setup=lambda: kvpool.PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,

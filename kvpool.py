@@ -77,6 +77,7 @@ __version__ = "0.1.0"
 import collections
 import collections.abc
 import dataclasses
+import heapq
 import itertools
 import json
 import operator
@@ -1546,22 +1547,26 @@ def _paged_extend(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, row,
     for j in range(have + hit, total):
         tables[row, j] = _q_one(state, ring, link, ctr, parts)
     _q_peak(ctr)
-    skip = hit * bt
-    for i in range(n):
-        p = L + i
-        col = p // bt
+    skip = hit * bt                        # (whole blocks, from position 0)
+    col = L // bt
+    off = L - col * bt
+    i = 0
+    while i < n:                           # block by block
         b = tables[row, col]
-        off = p - col * bt
-        s = b * bt + off
-        out[i] = s
-        if i < skip:
-            continue
-        fill[b] = off + 1
-        if on:
-            tok[s] = tokens[i]
-            if off == bt - 1:
-                _register(tok, parts, mask, bt, b, tables[row, col - 1] if col > 0 else -1,
-                          col)
+        k = min(bt - off, n - i)           # tokens that go into block b
+        for t in range(k):
+            out[i + t] = b * bt + off + t
+        if i >= skip:
+            fill[b] = off + k
+            if on:
+                for t in range(k):
+                    tok[b * bt + off + t] = tokens[i + t]
+                if off + k == bt:
+                    _register(tok, parts, mask, bt, b,
+                              tables[row, col - 1] if col > 0 else -1, col)
+        i += k
+        col += 1
+        off = 0
     lens[row] = L + n
     if new:
         rowinfo[row, R_ADDED] = stamp
@@ -3381,7 +3386,7 @@ class PagedKVCache:
         self._info = np.zeros(_INFO, np.int64)            # status words, preempted
         self._row_of = {}                                 # seq -> row
         self._seq_of = []                                 # row -> seq or None
-        self._free_rows = set()
+        self._free_rows = []                              # a heap of the free rows
         self._grow_rows()
         self._stamp = 0                                   # add order
         self._preemptions = 0
@@ -3409,7 +3414,7 @@ class PagedKVCache:
         self._tables, self._lens, self._rowinfo = tables, lens, rowinfo
         self._info = np.zeros(_INFO + 3 * new, np.int64)
         self._seq_of.extend([None] * (new - old))
-        self._free_rows.update(range(old, new))
+        self._free_rows.extend(range(old, new))       # (above all: still a heap)
 
     def _grow_columns(self, needed):
         rows, cols = self._tables.shape
@@ -3519,7 +3524,7 @@ class PagedKVCache:
             seq = self._seq_of[r]
             self._seq_of[r] = None
             del self._row_of[seq]
-            self._free_rows.add(r)
+            heapq.heappush(self._free_rows, r)
             if self._listeners:
                 reports.append(SequenceReport(seq, reason, length, freed, now))
         if reason == "preempt":
@@ -3560,12 +3565,14 @@ class PagedKVCache:
         return int(self._info[3])
 
     def _new_row(self):
+        """The lowest free row (growing the rows if none is), O(1); it
+        stays free until ``_bind``."""
         if not self._free_rows:
             self._grow_rows()
-        return min(self._free_rows)
+        return self._free_rows[0]
 
     def _bind(self, seq, row):
-        self._free_rows.discard(row)
+        heapq.heappop(self._free_rows)         # ``row``, from _new_row
         self._row_of[seq] = row
         self._seq_of[row] = seq
         self._stamp += 1
@@ -3598,24 +3605,21 @@ class PagedKVCache:
         live child. One compiled call, O(blocks)."""
         row_of = self._row_of                  # the steps of _row, _new_row
         try:                                   # and _bind, inlined: a fork
-            src = row_of[parent]               # is a handful of dict and set
+            src = row_of[parent]               # is a handful of dict and heap
             live = child in row_of             # operations and one call
         except (KeyError, TypeError):
             self._row(parent)                  # raises, naming the parent
             raise TypeError(f"sequence id {child!r} is not hashable") from None
         if live:
             raise KeyError(f"sequence {child!r} is already in the cache")
-        free = self._free_rows
-        if not free:
-            self._grow_rows()
-        dst = min(free)
+        dst = self._new_row()
         fn = self._fn.get("fork")
         if fn is None:
             fn = self._fn["fork"] = _compiled(_paged_fork, *(numba.typeof(a) for a in (
                 self._tables, self._lens, self._rowinfo, self._px, 1, 1, 1, 1)))
         fn(self._tables, self._lens, self._rowinfo, self._px, self.block_tokens, src, dst,
            self._stamp)
-        free.discard(dst)
+        heapq.heappop(self._free_rows)
         row_of[child] = dst
         self._seq_of[dst] = child
         self._stamp += 1
@@ -3673,8 +3677,16 @@ class PagedKVCache:
         return batch[BATCH_OUT]
 
     def remove(self, seq):
-        """Free a sequence's blocks."""
-        self.remove_many([seq])
+        """Drop a sequence's references, last block first (``remove_many``
+        of one, without building a batch). One compiled call, O(blocks)."""
+        row = self._row(seq)
+        length = int(self._lens[row])
+        freed = self._kernel("release", _release_row, (
+            self._tables, self._lens, self._fill, self._rowinfo, self._state,
+            self._meta, self._px, self.block_tokens, row))
+        reports = self._evicted(((row, length, freed),), "remove")
+        if reports:
+            _deliver(self._listeners, reports)
 
     def remove_many(self, seqs):
         """Drop several sequences' references, in order, each last block
@@ -3707,7 +3719,8 @@ class PagedKVCache:
                     raise ValueError(f"sequence {s!r} appears twice")
                 seen.add(s)
         pairs = []
-        row_of, seq_of, free = self._row_of, self._seq_of, self._free_rows
+        row_of, seq_of = self._row_of, self._seq_of
+        moved_free = False
         for i, s in enumerate(ids):
             r = row_of[s]
             if r != i:
@@ -3715,11 +3728,12 @@ class PagedKVCache:
                 seq_of[i], seq_of[r] = s, t
                 row_of[s] = i
                 if t is None:
-                    free.discard(i)
-                    free.add(r)
+                    moved_free = True
                 else:
                     row_of[t] = r
                 pairs.append((i, r))
+        if moved_free:                  # (a sorted list is a heap)
+            self._free_rows = [r for r, t in enumerate(seq_of) if t is None]
         if pairs:
             self._kernel("swap", _paged_swap, (self._tables, self._lens, self._rowinfo,
                                                np.array(pairs, np.int64)))
@@ -4120,9 +4134,12 @@ def _audit_paged(c):
     for seq, r in c._row_of.items():
         if c._seq_of[r] is not seq and c._seq_of[r] != seq:
             _fail(f"row {r} names {c._seq_of[r]!r}, not its sequence {seq!r}")
-    blank = set(np.flatnonzero(lens < 0).tolist())
-    if c._free_rows != blank or any(c._seq_of[r] is not None for r in blank):
-        _fail(f"free rows {sorted(c._free_rows)[:8]} != blank rows {sorted(blank)[:8]}")
+    blank = np.flatnonzero(lens < 0).tolist()
+    free = c._free_rows
+    if sorted(free) != blank or any(c._seq_of[r] is not None for r in blank):
+        _fail(f"free rows {sorted(free)[:8]} != blank rows {blank[:8]}")
+    if any(free[(k - 1) // 2] > free[k] for k in range(1, len(free))):
+        _fail(f"the free rows {free[:8]} are not a heap")
     if np.any(rowinfo[:, R_MARK] != 0):
         _fail(f"rows left marked: {np.flatnonzero(rowinfo[:, R_MARK])[:8].tolist()}")
     if np.any(rowinfo[:, R_GEN] < 0):
