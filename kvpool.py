@@ -3559,8 +3559,9 @@ class PagedKVCache:
         tokens = self._ints(tokens, "tokens")
         if tokens.shape[0] == 0:
             raise ValueError("a sequence needs at least one token")
+        kept = self._arrays()
         row = self._new_row()
-        self._extend(row, tokens, self._stamp)
+        self._extend(row, tokens, self._stamp, kept)
         self._bind(seq, row)
         return int(self._info[3])
 
@@ -3577,7 +3578,8 @@ class PagedKVCache:
         self._seq_of[row] = seq
         self._stamp += 1
 
-    def _extend(self, row, tokens, stamp):
+    def _extend(self, row, tokens, stamp, kept=None):
+        kept = kept or self._arrays()
         out = np.empty(tokens.shape[0], np.int64)
         while True:
             status = self._kernel("extend", _paged_extend, (
@@ -3588,8 +3590,24 @@ class PagedKVCache:
                 break
             self._grow_columns(int(self._info[0]))
         if status != OK:
+            self._restore(kept)
             self._raise(status, None, tokens)
         return out
+
+    def _arrays(self):
+        """What ``_restore`` needs to undo growth of the rows or columns."""
+        return self._tables, self._lens, self._rowinfo, len(self._seq_of)
+
+    def _restore(self, kept):
+        """Undo the growth a refused call made (the kernels refuse before
+        changing anything, so the arrays kept are as they were): block table
+        views a caller holds stay the live ones."""
+        tables, lens, rowinfo, rows = kept
+        if len(self._seq_of) > rows:         # (the new rows are all free)
+            del self._seq_of[rows:]
+            self._free_rows = [r for r in self._free_rows if r < rows]
+            heapq.heapify(self._free_rows)
+        self._tables, self._lens, self._rowinfo = tables, lens, rowinfo
 
     def extend(self, seq, tokens):
         """Append several tokens to one sequence (chunked prefill,
@@ -3661,12 +3679,15 @@ class PagedKVCache:
         status = fn(self._tables, self._lens, self._fill, self._tok, self._rowinfo,
                     self._meta, self._px, self._arena, self.block_tokens, batch, tokens,
                     self._preempt_flag, info)
-        while status == _S_GROW:
-            self._grow_columns(int(info[0]))
-            info = self._info
-            status = fn(self._tables, self._lens, self._fill, self._tok,
-                        self._rowinfo, self._meta, self._px, self._arena,
-                        self.block_tokens, batch, tokens, self._preempt_flag, info)
+        if status == _S_GROW:
+            kept = self._arrays()
+            while status == _S_GROW:
+                self._grow_columns(int(info[0]))
+                status = fn(self._tables, self._lens, self._fill, self._tok,
+                            self._rowinfo, self._meta, self._px, self._arena,
+                            self.block_tokens, batch, tokens, self._preempt_flag, info)
+            if status != OK:
+                self._restore(kept)
         if status != OK:
             self._raise(status, ids, tokens)
         if info[2]:

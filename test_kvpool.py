@@ -100,7 +100,9 @@ def _paged_snapshot(c):
     return {"sequences": seqs, "order": list(c), "free ids": paged_free_list(c),
             "counters": p.ctr.tolist(), "stats": c.stats, "stamp": c._stamp,
             "kv": c.kv.tobytes(), "state": c._state.tobytes(),
-            "fill": c._fill.tobytes(), "prefix": c._px.tobytes()}
+            "fill": c._fill.tobytes(), "prefix": c._px.tobytes(),
+            "arrays": (id(c._tables), id(c._lens), id(c._rowinfo), c._tables.shape,
+                       len(c._seq_of), sorted(c._free_rows))}   # (held views stay live)
 
 
 def paged_free_list(c):
@@ -4078,6 +4080,27 @@ def test_paged_table_and_rows_grow():
         c.add(i, [i] * 30)
     c.extend(3, list(range(50)))
     assert c.length(3) == 80 and c.block_table([3])[0].shape == (1, 80)
+    c.check_invariants()
+
+
+def test_paged_a_refused_call_does_not_grow_the_table():
+    """Rows and columns grow before the compiled call that may refuse; a
+    refusal undoes the growth, so a held block table view stays live."""
+    c = paged_cache(num_blocks=9, block_tokens=2)
+    for i in range(8):                       # every one of the 8 rows taken
+        c.add(i, [i])
+    h = c.rows(range(8))
+    table, lens = c.block_table(h)
+    before = snapshot(c)
+    for call in (lambda: c.add("new", [100, 101, 102]),     # a new row, then short
+                 lambda: c.extend(0, list(range(20))),      # new columns, then short
+                 lambda: c.append(h, [-1] * 8)):            # a bad token
+        with pytest.raises((PoolExhaustedError, ValueError)):
+            call()
+        assert_unchanged(c, before)
+    c.append(h, list(range(8)))              # (room in every last block)
+    assert lens.tolist() == [2] * 8
+    assert np.shares_memory(table, c.block_table(h)[0]) and table.shape == (8, 1)
     c.check_invariants()
 
 
