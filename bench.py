@@ -148,24 +148,35 @@ def steady_malloc():
     return done or None
 
 
-def timed(unit, ops, repeats, setup=None, warmup=1):
-    """Time ``unit(state)`` (``state = setup()``, built outside the timer for
-    every run) ``warmup`` times untimed, then ``repeats`` times; a ``Sample``
-    of nanoseconds per operation (``ops`` operations per run)."""
-    per_op = []
+def timed_each(units, ops, repeats, warmup=1):
+    """Time each ``(unit, setup)`` of ``units``: ``unit(state)`` (``state =
+    setup()``, built outside the timer for every run, or None) ``warmup``
+    times untimed, then ``repeats`` times; a ``Sample`` each of nanoseconds
+    per operation (``ops`` operations per run). The units take turns, run
+    by run, in alternating order, so that a drift of the machine's speed
+    (this one's moves by tens of percent within minutes) falls on kvpool
+    and its peer alike."""
+    per_op = [[] for _ in units]
     for i in range(warmup + repeats):
-        state = setup() if setup is not None else None
-        gc.collect()
-        gc.disable()
-        try:
-            t0 = time.perf_counter_ns()
-            unit(state)
-            t1 = time.perf_counter_ns()
-        finally:
-            gc.enable()
-        if i >= warmup:
-            per_op.append((t1 - t0) / ops)
-    return Sample(per_op)
+        order = list(enumerate(units))
+        for j, (unit, setup) in (order if i % 2 == 0 else order[::-1]):
+            state = setup() if setup is not None else None
+            gc.collect()
+            gc.disable()
+            try:
+                t0 = time.perf_counter_ns()
+                unit(state)
+                t1 = time.perf_counter_ns()
+            finally:
+                gc.enable()
+            if i >= warmup:
+                per_op[j].append((t1 - t0) / ops)
+    return [Sample(times) for times in per_op]
+
+
+def timed(unit, ops, repeats, setup=None, warmup=1):
+    """``timed_each`` of one unit."""
+    return timed_each([(unit, setup)], ops, repeats, warmup)[0]
 
 
 def fmt(value, unit):
@@ -531,10 +542,10 @@ def case_roundtrip(cfg):
         for blocks in (1, 16, 256):
             n = cfg.roundtrips[blocks]
             size = blocks * bs
-            kv = timed(lambda m: roundtrips(m, "seq", size, n), n, cfg.repeats,
-                       setup=lambda: KVCacheManager(1024 * bs, bs, zero_on_alloc=zero))
-            ref = timed(lambda m: roundtrips(m, "seq", size, n), n, cfg.repeats,
-                        setup=lambda: RefManager(1024 * bs, bs))
+            unit = lambda m: roundtrips(m, "seq", size, n)
+            kv, ref = timed_each(
+                [(unit, lambda: KVCacheManager(1024 * bs, bs, zero_on_alloc=zero)),
+                 (unit, lambda: RefManager(1024 * bs, bs))], n, cfg.repeats)
             what = f"round trip, {blocks} block{'s' if blocks > 1 else ''}"
             if zero:
                 what += ", zeroing (default)"
@@ -590,10 +601,10 @@ def case_batch(cfg):
     sizes = [bs] * n
     ops = n * rounds
     fresh = lambda: KVCacheManager(2 * n * bs, bs)
-    batch = timed(lambda m: batch_kvpool(m, keys, sizes, rounds), ops, cfg.repeats, fresh)
-    ref = timed(lambda r: singles_loop(r, keys, sizes, rounds), ops, cfg.repeats,
-                lambda: RefManager(2 * n * bs, bs))
-    single = timed(lambda m: singles_loop(m, keys, sizes, rounds), ops, cfg.repeats, fresh)
+    singles = lambda m: singles_loop(m, keys, sizes, rounds)
+    batch, ref, single = timed_each(
+        [(lambda m: batch_kvpool(m, keys, sizes, rounds), fresh),
+         (singles, lambda: RefManager(2 * n * bs, bs)), (singles, fresh)], ops, cfg.repeats)
     row("batch-vs-ref", "2", f"batch of {n:,} x 1 block, vs reference", "ns/entry", batch,
         ref, "RefManager loop")
     row("batch-vs-single", "2", f"batch of {n:,} x 1 block, vs single calls", "ns/entry",
@@ -612,8 +623,9 @@ def batch_diagnostics(cfg, keys, sizes):
         m = KVCacheManager((live + 2 * n) * bs, bs)
         m.allocate_entries(range(n, n + live), [bs] * live)
         return m
-    batch = timed(lambda m: batch_kvpool(m, keys, sizes, rounds), ops, cfg.repeats, crowded)
-    single = timed(lambda m: singles_loop(m, keys, sizes, rounds), ops, cfg.repeats, crowded)
+    batch, single = timed_each([(lambda m: batch_kvpool(m, keys, sizes, rounds), crowded),
+                                (lambda m: singles_loop(m, keys, sizes, rounds), crowded)],
+                               ops, cfg.repeats)
     row("batch-crowded", "2", f"same, beside {live:,} live entries", "ns/entry", batch, single,
         "kvpool single calls", note="diagnostic")
     # Each half alone: ``rounds`` batches of distinct keys, into or out of one manager.
@@ -628,8 +640,8 @@ def batch_diagnostics(cfg, keys, sizes):
              allocate_groups, allocate_singly),
             ("batch-remove-half", "remove_cache_entries vs remove_cache_entry", full,
              remove_groups, remove_singly)):
-        kv = timed(lambda m: batched(m, groups, sizes), ops, cfg.repeats, setup)
-        single = timed(lambda m: singly(m, groups, sizes), ops, cfg.repeats, setup)
+        kv, single = timed_each([(lambda m: batched(m, groups, sizes), setup),
+                                 (lambda m: singly(m, groups, sizes), setup)], ops, cfg.repeats)
         row(rid, "2", what, "ns/entry", kv, single, "kvpool single calls", note="diagnostic")
 
 
@@ -685,8 +697,8 @@ def case_block_batch(cfg):
         state = fresh[name]()
         taken[name] = [run[name](state, 1) for _ in range(3)]
     assert taken["kv"] == taken["vllm"] == taken["deque"], "different block ids"
-    kv, vllm, deque = (timed(lambda s, f=run[name]: f(s, rounds), n * rounds, cfg.repeats,
-                             setup=fresh[name]) for name in run)
+    kv, vllm, deque = timed_each([(lambda s, f=run[name]: f(s, rounds), fresh[name])
+                                  for name in run], n * rounds, cfg.repeats)
     what = f"allocate_n + release_n, {n:,} blocks"
     row("blocks-vllm", "3", what, "ns/block", kv, vllm, "VllmFreeQueue")
     row("blocks-deque", "3", what, "ns/block", kv, deque, "deque popleft + extend")
@@ -722,10 +734,10 @@ def deque_pairs(free, n):
 def case_compiled(cfg):
     n, blocks = cfg.pairs, 1024
     got = {}
-    kv = timed(lambda p: got.__setitem__("kv", compiled_pairs(p, n)), n, cfg.repeats,
-               setup=lambda: cycled_pool(blocks))
-    peer = timed(lambda d: got.__setitem__("py", deque_pairs(d, n)), n, cfg.repeats,
-                 setup=lambda: collections.deque(range(blocks)))
+    kv, peer = timed_each(
+        [(lambda p: got.__setitem__("kv", compiled_pairs(p, n)), lambda: cycled_pool(blocks)),
+         (lambda d: got.__setitem__("py", deque_pairs(d, n)),
+          lambda: collections.deque(range(blocks)))], n, cfg.repeats)
     assert got["kv"] == got["py"] >= 0, got      # the same ids in the same order
     row("compiled-pair", "4", "@njit allocate() + release() pair", "ns/pair", kv, peer,
         "Python loop on a deque")
@@ -771,10 +783,11 @@ def case_data(cfg):
                 n = max(1, cfg.data_bytes // (2 * size))
                 data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
                 m = data_manager(size, bs, scattered, seed=size)
-                kv = timed(lambda _: write_read(m, "e", data, n), n, cfg.repeats)
-                assert np.array_equal(m.read("e"), data)
                 region = np.zeros(2 * size, np.uint8)[:size]
-                peer = timed(lambda _: copyto_twice(region, data, n), n, cfg.repeats)
+                kv, peer = timed_each([(lambda _: write_read(m, "e", data, n), None),
+                                       (lambda _: copyto_twice(region, data, n), None)],
+                                      n, cfg.repeats)
+                assert np.array_equal(m.read("e"), data)
                 kib = size < (1 << 20)
                 label = f"{size >> 10} KiB" if kib else f"{size >> 20} MiB"
                 layout = "scattered" if scattered else "adjacent"
@@ -821,10 +834,10 @@ def case_lru(cfg):
 
     probe = KVCacheManager(small * bs, bs, eviction="lru")
     calls = churn(probe, stream, sizes)
-    kv = timed(lambda m: run(m, "kv"), calls, cfg.repeats,
-               setup=lambda: KVCacheManager(small * bs, bs, eviction="lru"))
-    ref = timed(lambda r: run(r, "ref"), calls, cfg.repeats,
-                setup=lambda: RefManager(small * bs, bs, eviction="lru"))
+    kv, ref = timed_each(
+        [(lambda m: run(m, "kv"), lambda: KVCacheManager(small * bs, bs, eviction="lru")),
+         (lambda r: run(r, "ref"), lambda: RefManager(small * bs, bs, eviction="lru"))],
+        calls, cfg.repeats)
     assert counted["kv"] == counted["ref"] == calls, counted
     assert counted["kv evictions"] == counted["ref evictions"], counted
     evictions = counted["kv evictions"]
@@ -834,10 +847,10 @@ def case_lru(cfg):
 
     probe = KVCacheManager(big * bs, bs)
     calls_none = churn(probe, stream, sizes)
-    none = timed(lambda m: churn(m, stream, sizes), calls_none, cfg.repeats,
-                 setup=lambda: KVCacheManager(big * bs, bs))
-    ref_none = timed(lambda r: churn(r, stream, sizes), calls_none, cfg.repeats,
-                     setup=lambda: RefManager(big * bs, bs))
+    none, ref_none = timed_each(
+        [(lambda m: churn(m, stream, sizes), lambda: KVCacheManager(big * bs, bs)),
+         (lambda r: churn(r, stream, sizes), lambda: RefManager(big * bs, bs))],
+        calls_none, cfg.repeats)
     row("lru-none", "6", 'same stream, eviction="none", big pool', "ns/op", none, ref_none,
         "RefManager (dict)",
         note=f"{calls_none:,} calls, {calls_none - len(stream):,} allocations")
@@ -849,8 +862,8 @@ def case_lru(cfg):
         r = RefManager(big * bs, bs, eviction="lru")
         m.allocate_entry(0, 1)
         r.allocate_entry(0, 1)
-        kv_get = timed(lambda _: lookups(m, key, n), n, cfg.repeats)
-        ref_get = timed(lambda _: lookups(r, key, n), n, cfg.repeats)
+        kv_get, ref_get = timed_each([(lambda _: lookups(m, key, n), None),
+                                      (lambda _: lookups(r, key, n), None)], n, cfg.repeats)
         row(f"get-{what}", "6", f"m.get(key), {what}", "ns/op", kv_get, ref_get, "RefManager-LRU")
     info("lru-evictions-per-call", "6", "evictions per call", "ratio", evictions / calls,
          note=f"{evictions:,} evictions, {evictions / max(allocations, 1):.0%} of allocations, "
@@ -962,10 +975,10 @@ def case_serving(cfg):
 
     counts = serve(probe, trace, on_step=sample)
     calls = counts["calls"]
-    kv = timed(lambda m: run(m, "kv"), calls, cfg.repeats,
-               setup=lambda: KVCacheManager(blocks * bs, bs, eviction="lru"))
-    ref = timed(lambda r: run(r, "ref"), calls, cfg.repeats,
-                setup=lambda: RefManager(blocks * bs, bs, eviction="lru"))
+    kv, ref = timed_each(
+        [(lambda m: run(m, "kv"), lambda: KVCacheManager(blocks * bs, bs, eviction="lru")),
+         (lambda r: run(r, "ref"), lambda: RefManager(blocks * bs, bs, eviction="lru"))],
+        calls, cfg.repeats)
     assert outcome["kv"] == outcome["ref"], outcome
     out = outcome["kv"]
     SERIES["utilization"], SERIES["fragmentation"] = util, frag
@@ -1142,15 +1155,15 @@ def case_lock(cfg):
     if not isinstance(getattr(m, "_cache", None), dict) or not hasattr(m, "_lock"):
         print("10   (skipped: KVCacheManager has no _cache dict and _lock any more)")
         return
-    peek = timed(lambda _: peek_loop(m, "k", n), n, cfg.repeats)
-    bare = timed(lambda _: unlocked_loop(m, "k", n), n, cfg.repeats)
+    peek, bare = timed_each([(lambda _: peek_loop(m, "k", n), None),
+                             (lambda _: unlocked_loop(m, "k", n), None)], n, cfg.repeats)
     row("lock-peek", "10", "m.peek(key) vs m._cache.get(key)", "ns/op", peek, bare,
         "unlocked dict get")
     info("lock-peek-overhead", "10", "peek minus unlocked get", "ns/op",
          peek.median - bare.median, note="lock + method call + try")
     lock = m._lock
-    locked = timed(lambda _: with_lock_loop(lock, n), n, cfg.repeats)
-    empty = timed(lambda _: empty_loop(n), n, cfg.repeats)
+    locked, empty = timed_each([(lambda _: with_lock_loop(lock, n), None),
+                                (lambda _: empty_loop(n), None)], n, cfg.repeats)
     info("lock-rlock", "10", "`with m._lock: pass` minus an empty loop", "ns/op",
          locked.median - empty.median, note=f"{type(lock).__name__}, uncontended")
 
@@ -1295,9 +1308,8 @@ def paged_bookkeeping(cfg):
             table, lens = c.block_table(rows)
             assert np.array_equal(lens, p.lens[:B])
             assert np.array_equal(table, p.table[:B, :table.shape[1]])
-    kv = timed(run_kv, steps, cfg.paged_repeats, setup=make_kv)
-    kv_prefix = timed(run_kv, steps, cfg.paged_repeats, setup=lambda: make_kv(True))
-    peer = timed(run_peer, steps, cfg.paged_repeats, setup=make_peer)
+    kv, kv_prefix, peer = timed_each([(run_kv, make_kv), (run_kv, lambda: make_kv(True)),
+                                      (run_peer, make_peer)], steps, cfg.paged_repeats)
     row("paged-bookkeeping", "12", f"decode step, {B} seqs: append+block_table", "us/step",
         kv, peer, "PagedPeer (vLLM-style)",
         note="a SeqRows handle, prefix caching off as the peer; tables identical")
@@ -1378,8 +1390,7 @@ def paged_decode(cfg):
     run_peer(make_peer(), b)
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
-    kv = timed(run_kv, steps, cfg.repeats, setup=make_kv)
-    peer = timed(run_peer, steps, cfg.repeats, setup=make_peer)
+    kv, peer = timed_each([(run_kv, make_kv), (run_peer, make_peer)], steps, cfg.repeats)
     row("paged-decode", "12", f"decode loop, {B} seqs, {L} layers, fp16", "ms/step", kv, peer,
         "contiguous numpy", note=f"contexts {lo}-{hi}, GQA {qh}/{kvh} heads of {hd}")
     read = 2 * L * 2 * kvh * hd * int((lens0 + (steps + 1) // 2).sum())  # K+V bytes/step
@@ -1407,8 +1418,9 @@ def paged_store(cfg):
     got_k, got_v, _ = c.gather(0, ["s"])                         # the same bytes?
     assert np.array_equal(got_k[0], k) and np.array_equal(got_v[0], v)
     dst_k, dst_v = np.empty_like(k), np.empty_like(v)
-    kv = timed(lambda _: c.store(0, slots, k, v), 1, cfg.paged_repeats)
-    cp = timed(lambda _: (np.copyto(dst_k, k), np.copyto(dst_v, v)), 1, cfg.paged_repeats)
+    kv, cp = timed_each([(lambda _: c.store(0, slots, k, v), None),
+                         (lambda _: (np.copyto(dst_k, k), np.copyto(dst_v, v)), None)],
+                        1, cfg.paged_repeats)
     row("paged-store", "12", f"store {T:,} tokens of K and V", "MB/s", kv, cp, "np.copyto",
         nbytes=2 * k.nbytes, note=f"{2 * k.nbytes >> 20} MiB, fp16, {kvh} heads of {hd}")
 
@@ -1471,12 +1483,13 @@ def paged_serving(cfg):
     def run(c, tag):
         out[tag] = serve_paged(c, trace, tag == "peer")
 
-    kv = timed(lambda c: run(c, "kv"), 1, cfg.repeats,
-               setup=lambda: kvpool.PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,
-                                                 dtype=np.float32, preempt="newest",
-                                                 prefix_caching=False))   # dummy tokens
-    peer = timed(lambda p: run(p, "peer"), 1, cfg.repeats,
-                 setup=lambda: PagedPeer(blocks, bt, 256, max_blocks))
+    kv, peer = timed_each(
+        [(lambda c: run(c, "kv"),
+          lambda: kvpool.PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,
+                                      dtype=np.float32, preempt="newest",
+                                      prefix_caching=False)),   # dummy tokens
+         (lambda p: run(p, "peer"), lambda: PagedPeer(blocks, bt, 256, max_blocks))],
+        1, cfg.repeats)
     assert out["kv"] == out["peer"], out                         # the same work?
     completed, preempted = out["kv"]
     row("paged-serve", "12", f"serving trace, {cfg.serve_steps:,} steps, preempt newest",
@@ -1695,11 +1708,11 @@ def paged_prefix(cfg):
         out[tag] = (serve_prefix(c, prompts, decode, running, peer_tokens) if tag == "peer"
                     else serve_prefix(c, arrays, decode, running, kv_tokens))
 
-    kv = timed(lambda c: run(c, "kv"), 1, cfg.repeats,
-               setup=lambda: kvpool.PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,
-                                                 dtype=np.float32, preempt="newest"))
-    peer = timed(lambda p: run(p, "peer"), 1, cfg.repeats,
-                 setup=lambda: PrefixPeer(blocks, bt))
+    kv, peer = timed_each(
+        [(lambda c: run(c, "kv"),
+          lambda: kvpool.PagedKVCache(blocks, bt, layers=1, kv_heads=1, head_dim=1,
+                                      dtype=np.float32, preempt="newest")),
+         (lambda p: run(p, "peer"), lambda: PrefixPeer(blocks, bt))], 1, cfg.repeats)
     assert out["kv"] == out["peer"], "the peer found other hits"   # the same work?
     done, preempted, covered = out["kv"]
     rate = sum(covered) / sum(len(p) for p in prompts[:len(covered)])
@@ -1744,9 +1757,9 @@ def paged_fork(cfg):
                 b.ref_cnt += 1
             reqs[i] = list(blocks)
 
-    kv = timed(run, forks, cfg.paged_repeats, setup=make)
-    peer = timed(peer_fork, forks, cfg.paged_repeats,
-                 setup=lambda: ([PBlock(i) for i in range(-(-prefix // bt))], {}))
+    kv, peer = timed_each(
+        [(run, make), (peer_fork, lambda: ([PBlock(i) for i in range(-(-prefix // bt))], {}))],
+        forks, cfg.paged_repeats)
     row("paged-fork", "12", f"fork of a {prefix:,}-token sequence", "ns/op", kv, peer,
         "block objects' ref counts")
     c = make()
