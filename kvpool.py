@@ -54,7 +54,8 @@ Complexity (n = blocks involved, e = live entries, all compiled loops)::
     add, extend                              O(T), one compiled call
     store                                    O(T * layer bytes), one call
     attention                                O(sum of q_lens * L), one call
-    block_table, gather                      O(B * blocks) / O(bytes)
+    block_table, gather                      O(B * blocks) / O(bytes); for a
+                                             handle O(1) after its append
     fork, remove, remove_many                O(blocks), one compiled call
     check_invariants                         O(total blocks + rows)
 
@@ -1461,6 +1462,7 @@ def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
         need = _append_need(tables, lens, rowinfo, blk, bt, rows, out)
     info[2] = npre
     on = px[P_ON] != 0
+    width = 0
     for i in range(n):
         r = rows[i]
         if npre > 0 and rowinfo[r, R_MARK] == 2:
@@ -1469,6 +1471,7 @@ def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
         L = lens[r]
         col = _col(L, bt, sh)
         off = L - col * bt
+        width = max(width, col + 1)
         if off == 0:
             b = _q_one(state, ring, link, ctr, parts)
             tables[r, col] = b
@@ -1489,6 +1492,7 @@ def _paged_append(tables, lens, fill, tok, rowinfo, meta, px, arena, bt, batch,
     _q_peak(ctr)
     if npre > 0:
         _unmark(rowinfo, rows)
+    info[1] = width                        # the rows' most blocks now
     return OK
 
 
@@ -2063,12 +2067,14 @@ class SeqRows:
     A handle goes stale (``KeyError`` when used) once one of its sequences
     is removed, preempted or moved by a later ``rows`` call."""
 
-    __slots__ = ("seqs", "_batch", "_cache")
+    __slots__ = ("seqs", "_batch", "_cache", "_width", "_epoch")
 
     def __init__(self, seqs, batch, cache):
         self.seqs = seqs          # tuple of the sequence ids, in row order
         self._batch = batch       # int64 [3, B]: rows, generations, slots
         self._cache = cache
+        self._width = 0           # the rows' most blocks, known while the
+        self._epoch = -1          # cache's epoch is still this one
 
     def __len__(self):
         return len(self.seqs)
@@ -3389,6 +3395,7 @@ class PagedKVCache:
         self._free_rows = []                              # a heap of the free rows
         self._grow_rows()
         self._stamp = 0                                   # add order
+        self._epoch = 0             # bumped by every change of rows or lengths
         self._preemptions = 0
         self._listeners = [] if on_evict is None else [on_evict]
         self._fn = _PAGED_FNS.setdefault(self._bits_dtype.str, {})  # name -> entry
@@ -3520,6 +3527,7 @@ class PagedKVCache:
         freed; reports."""
         reports = []
         now = time.monotonic()
+        self._epoch += 1
         for r, length, freed in triples:
             seq = self._seq_of[r]
             self._seq_of[r] = None
@@ -3592,6 +3600,7 @@ class PagedKVCache:
         if status != OK:
             self._restore(kept)
             self._raise(status, None, tokens)
+        self._epoch += 1
         return out
 
     def _arrays(self):
@@ -3641,6 +3650,7 @@ class PagedKVCache:
         row_of[child] = dst
         self._seq_of[dst] = child
         self._stamp += 1
+        self._epoch += 1
 
     def reset_prefix_cache(self):
         """Forget every cached hash: True, or False (refused, nothing
@@ -3660,7 +3670,8 @@ class PagedKVCache:
         fit (slot -1 for those in ``seqs``; reports with reason "preempt").
         One compiled call, O(B); nothing is allocated for a ``SeqRows`` and
         int64 ``tokens``."""
-        if type(seqs) is SeqRows and seqs._cache is self:
+        handle = type(seqs) is SeqRows and seqs._cache is self
+        if handle:
             batch, ids = seqs._batch, seqs.seqs
         else:
             batch, ids = self._rows(seqs)
@@ -3690,11 +3701,14 @@ class PagedKVCache:
                 self._restore(kept)
         if status != OK:
             self._raise(status, ids, tokens)
+        self._epoch += 1
         if info[2]:
             pre = info[_INFO:_INFO + 3 * int(info[2])].tolist()
             reports = self._evicted(list(zip(pre[::3], pre[1::3], pre[2::3])), "preempt")
             if reports:
                 _deliver(self._listeners, reports)
+        elif handle:                           # its width, for block_table
+            seqs._width, seqs._epoch = int(info[1]), self._epoch
         return batch[BATCH_OUT]
 
     def remove(self, seq):
@@ -3755,6 +3769,7 @@ class PagedKVCache:
                 pairs.append((i, r))
         if moved_free:                  # (a sorted list is a heap)
             self._free_rows = [r for r, t in enumerate(seq_of) if t is None]
+        self._epoch += 1
         if pairs:
             self._kernel("swap", _paged_swap, (self._tables, self._lens, self._rowinfo,
                                                np.array(pairs, np.int64)))
@@ -3865,16 +3880,24 @@ class PagedKVCache:
     def block_table(self, seqs):
         """(int32 ``[B, most blocks in the batch]`` padded with -1, int32
         ``[B]`` token counts). For a ``SeqRows`` both are views of the
-        persistent table, updated in place until it grows; else copies."""
+        persistent table, updated in place until it grows; else copies.
+        O(B), one compiled call; O(1) and none for a ``SeqRows`` whose own
+        ``append`` was the last call that changed any sequence (that call
+        leaves the batch's width, and an epoch, on the handle)."""
         if type(seqs) is SeqRows and seqs._cache is self:
             batch = seqs._batch
-            fn = self._fn.get("width")
-            if fn is None:
-                fn = self._fn["width"] = _compiled(_paged_width, *(numba.typeof(a) for a in (
-                    self._lens, self._rowinfo, 1, batch, self._info)))
-            width = fn(self._lens, self._rowinfo, self.block_tokens, batch, self._info)
-            if width < 0:
-                self._raise(width, seqs.seqs)
+            if seqs._epoch == self._epoch:     # nothing changed since its
+                width = seqs._width            # append (or last call here)
+            else:
+                fn = self._fn.get("width")
+                if fn is None:
+                    fn = self._fn["width"] = _compiled(_paged_width, *(
+                        numba.typeof(a) for a in (self._lens, self._rowinfo, 1, batch,
+                                                  self._info)))
+                width = fn(self._lens, self._rowinfo, self.block_tokens, batch, self._info)
+                if width < 0:
+                    self._raise(width, seqs.seqs)
+                seqs._width, seqs._epoch = width, self._epoch
             n = batch.shape[1]
             return self._tables[:n, :width], self._lens[:n]
         batch, ids = self._rows(seqs)

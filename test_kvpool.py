@@ -4016,6 +4016,66 @@ def test_paged_rows_handle_gives_live_views():
     c.check_invariants()
 
 
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(
+    ["append h", "append ids", "extend", "add", "fork", "remove other", "remove member",
+     "rows other", "rows h", "table h"]), st.integers(0, 7)), max_size=30),
+    preempt=st.booleans())
+def test_paged_handle_table_is_the_table_after_any_call(ops, preempt):
+    """``block_table`` of a handle remembers its width from the handle's own
+    ``append``; after any other call it must still be the table (or a
+    KeyError once the handle is stale), as the ids' copy says."""
+    c = paged_cache(num_blocks=30, block_tokens=2, preempt="newest" if preempt else "none")
+    for i in range(4):
+        c.add(i, [i] * (i + 1))
+    h = c.rows([2, 0, 3])
+    fresh = 10
+
+    def valid():
+        return all(s in c and c._row_of[s] == i for i, s in enumerate(h.seqs))
+
+    for op, x in ops:
+        live = list(c)
+        try:
+            if op == "append h" and valid():
+                c.append(h, [x] * len(h))
+            elif op == "append ids" and live:
+                batch = live[:x % len(live) + 1]
+                c.append(batch, [x] * len(batch))
+            elif op == "extend" and live:
+                c.extend(live[x % len(live)], [x] * (x + 1))
+            elif op == "add":
+                c.add(fresh, [x + 50] * (x + 1))
+                fresh += 1
+            elif op == "fork" and live:
+                c.fork(live[x % len(live)], fresh)
+                fresh += 1
+            elif op == "remove other":
+                others = [s for s in live if s not in h.seqs]
+                if others:
+                    c.remove(others[x % len(others)])
+            elif op == "remove member":
+                if x == 7 and h.seqs[0] in c:
+                    c.remove(h.seqs[0])
+            elif op == "rows other":
+                others = [s for s in live if s not in h.seqs]
+                if others and x < 2:
+                    c.rows(others[:x + 1])
+            elif op == "rows h" and all(s in c for s in h.seqs):
+                h = c.rows(list(h.seqs))
+        except PoolExhaustedError:
+            pass
+        if valid():
+            table, lens = c.block_table(h)
+            want_table, want_lens = c.block_table(list(h.seqs))
+            assert table.tolist() == want_table.tolist()
+            assert lens.tolist() == want_lens.tolist()
+        else:
+            with pytest.raises(KeyError):
+                c.block_table(h)
+        c.check_invariants()
+
+
 def test_paged_rows_handle_owns_its_slot_array():
     c = paged_cache(num_blocks=20)
     for i in range(3):
