@@ -3301,9 +3301,11 @@ class PagedKVCache:
     Statistics and audit: ``free_blocks``, ``stats``, ``check_invariants``.
 
     Layout: block tables are one persistent ``int32`` array ``[rows,
-    columns]`` (both doubled when full), padded with -1, plus ``int32``
-    lengths per row; a sequence gets a row when added. Every public
-    operation is one compiled call over these arrays and the pool's.
+    columns]`` (both doubled when full; a refused call undoes its growth),
+    padded with -1, plus ``int32`` lengths per row; a sequence gets the
+    lowest free row when added. Per block: reserved slots, and with prefix
+    caching the token id of each slot. Every public operation is one
+    compiled call over these arrays and the pool's.
     ``append``, ``extend`` and ``add`` are all-or-nothing; with
     ``preempt="newest"`` a short ``append`` frees whole sequences, the most
     recently added first, until the rest fit.
