@@ -414,7 +414,8 @@ def _alloc_chains(arena, meta, counts, zero):
 
 @njit(cache=True)
 def _alloc_chain(arena, meta, n, zero):
-    """One chain of ``n`` blocks; its head, or ``NO_BLOCK``."""
+    """One chain of ``n`` blocks; its head, or ``NO_BLOCK``. (``arena`` is
+    read only with ``zero``, and may be None without.)"""
     state = _state_of(meta)
     if n < 1 or n > _free_count(state, meta):
         return NO_BLOCK
@@ -487,7 +488,8 @@ def _resize_chain(arena, meta, head, n_old, n_new, zero_from, zero):
 
     Growth appends blocks in pool order; shrinking frees the tail blocks to
     the ring in chain order. With ``zero``, added blocks are zeroed and so
-    are the kept bytes from ``zero_from`` on. Returns ``OK``,
+    are the kept bytes from ``zero_from`` on (``arena`` may be None
+    without). Returns ``OK``,
     ``ERR_NO_SPACE``, ``ERR_RANGE`` or ``ERR_BAD_CHAIN`` (then nothing
     changed)."""
     state = _state_of(meta)
@@ -931,13 +933,16 @@ class _Kernels(dict):
     _ARENA, _META = uint8[::1], int64[::1]
     # (a writable array passes as a read-only one: the kernel only reads it)
     _READ_ONLY_BYTES = nb_types.Array(nb_types.uint8, 1, "C", readonly=True)
+    # The arena or None: calls that zero nothing pass None, one array less
+    # to unbox (each costs tens of nanoseconds from the interpreter).
+    _ARENA_IF_ZEROING = nb_types.Optional(_ARENA)
     SIGNATURES = {
-        "alloc_chain": (_alloc_chain, (_ARENA, _META, int64, boolean)),
+        "alloc_chain": (_alloc_chain, (_ARENA_IF_ZEROING, _META, int64, boolean)),
         "alloc_chains": (_alloc_chains, (_ARENA, _META, int64[::1], boolean)),
         "free_chain": (_free_chain, (_META, int64, int64)),
         "free_chains": (_free_chains, (_META, int64[::1])),
-        "resize_chain": (_resize_chain, (_ARENA, _META, int64, int64, int64,
-                                         int64, boolean)),
+        "resize_chain": (_resize_chain, (_ARENA_IF_ZEROING, _META, int64, int64,
+                                         int64, int64, boolean)),
         "write_chain": (_write_chain, (_ARENA, _META, int64, int64, int64,
                                        _READ_ONLY_BYTES)),
         "read_chain": (_read_chain, (_ARENA, _META, int64, int64, int64,
@@ -2401,6 +2406,7 @@ class KVCacheManager:
         self._capacity = self._pool.capacity
         self._eviction = eviction
         self._zero = zero_on_alloc
+        self._zeroing = self._arena if zero_on_alloc else None   # see _Kernels
         self._cache = collections.OrderedDict()    # key -> entry, LRU first
         self._lock = threading.RLock()
         self._listeners = [] if on_evict is None else [on_evict]
@@ -2536,11 +2542,11 @@ class KVCacheManager:
                 live = True
             if live:
                 self._check_new_key(key)        # raises, naming the key
-            head = _K["alloc_chain"](self._arena, self._meta, n, self._zero)
+            head = _K["alloc_chain"](self._zeroing, self._meta, n, self._zero)
             reports = None
             if head < 0:
                 reports = self._make_room(n, None)
-                head = _K["alloc_chain"](self._arena, self._meta, n, self._zero)
+                head = _K["alloc_chain"](self._zeroing, self._meta, n, self._zero)
                 assert head >= 0, f"no {n} blocks free after making room"
             entry = KVPoolEntry(key, size, head, n, self._pool)
             self._cache[key] = entry
@@ -2622,11 +2628,11 @@ class KVCacheManager:
             if n_new != n_old or (self._zero and new_size < entry.size):
                 resize = _K["resize_chain"]
                 cut = min(entry.size, new_size)
-                status = resize(self._arena, self._meta, entry.block, n_old,
+                status = resize(self._zeroing, self._meta, entry.block, n_old,
                                 n_new, cut, self._zero)
                 if status == ERR_NO_SPACE:
                     reports = self._make_room(n_new - n_old, entry)
-                    status = resize(self._arena, self._meta, entry.block,
+                    status = resize(self._zeroing, self._meta, entry.block,
                                     n_old, n_new, cut, self._zero)
                 assert status == OK, f"resize_chain failed with status {status}"
             self._used_memory += new_size - entry.size
