@@ -3534,7 +3534,7 @@ class PagedKVCache:
         """Unbind the rows in ``triples`` (row, length, blocks freed), already
         freed; reports."""
         reports = []
-        now = time.monotonic()
+        now = time.monotonic() if self._listeners else 0.0
         self._epoch += 1
         for r, length, freed in triples:
             seq = self._seq_of[r]
@@ -3575,7 +3575,7 @@ class PagedKVCache:
         tokens = self._ints(tokens, "tokens")
         if tokens.shape[0] == 0:
             raise ValueError("a sequence needs at least one token")
-        kept = self._arrays()
+        kept = None if self._free_rows else self._arrays()    # rows will grow
         row = self._new_row()
         self._extend(row, tokens, self._stamp, kept)
         self._bind(seq, row)
@@ -3595,7 +3595,8 @@ class PagedKVCache:
         self._stamp += 1
 
     def _extend(self, row, tokens, stamp, kept=None):
-        kept = kept or self._arrays()
+        """The one compiled call of ``add`` and ``extend``, growing the
+        columns as needed; ``kept``: the arrays before ``add`` grew the rows."""
         out = np.empty(tokens.shape[0], np.int64)
         while True:
             status = self._kernel("extend", _paged_extend, (
@@ -3604,9 +3605,11 @@ class PagedKVCache:
                 stamp, out, self._info))
             if status != _S_GROW:
                 break
+            kept = kept or self._arrays()
             self._grow_columns(int(self._info[0]))
         if status != OK:
-            self._restore(kept)
+            if kept is not None:
+                self._restore(kept)
             self._raise(status, None, tokens)
         self._epoch += 1
         return out
