@@ -979,6 +979,8 @@ _S_BAD_SLOT = -25     # info[0]: index of a slot no live token owns
 _S_BAD_QLEN = -26     # info[0]: index of a bad q_len, or -1 (sum != T, in info[1])
 _S_SHARED_SLOT = -27  # info[0]: index of a slot in a shared block, info[1]: its holders
 
+_SCORES = 1 << 22          # attention's score scratch, in floats (16 MiB):
+                           # more queries of a row than fit go in turns
 _F16_SCALE = 2.0 ** 112   # float16 magnitude bits << 13, read as float32, times
                           # this is the float16's value (normals and subnormals)
 
@@ -1750,12 +1752,14 @@ def _paged_gather(kv, tables, lens, rowinfo, bt, layers, layer, e, batch,
 
 @njit(cache=True, fastmath={"reassoc", "contract", "nsz"})
 def _paged_attention(kv, tables, lens, rowinfo, bt, layers, layer, kvh, q, batch,
-                     qlens, scale, info):
+                     qlens, scale, scores, info):
     """(status, out): causal attention of ``q`` (float32 ``[T, q_heads,
     head_dim]``, ``qlens[i]`` queries per row, each row's last tokens) over
     the rows' stored K and V; float32 throughout, softmax per query. Walks
-    each row's blocks in order, converting every token's K (then V) row
-    once for all heads."""
+    each row's blocks in order, converting every token's K (then V) once
+    for all heads, for up to ``scores // (q_heads * longest row)`` of the
+    row's queries at a time: the score scratch holds at most ``scores``
+    floats, or one query's scores where they are more."""
     rows = batch[BATCH_ROW]
     n = rows.shape[0]
     T, qh, hd = q.shape[0], q.shape[1], q.shape[2]
@@ -1783,7 +1787,8 @@ def _paged_attention(kv, tables, lens, rowinfo, bt, layers, layer, kvh, q, batch
     e = kvh * hd
     plane = bt * e                         # one block's K (or V) of one layer
     sc = np.float32(scale)
-    p = np.empty((most, qh, longest), np.float32)    # scores, then weights
+    chunk = max(1, min(most, scores // (qh * longest)))    # queries at a time
+    p = np.empty((chunk, qh, longest), np.float32)   # scores, then weights
     bits = np.empty(e, np.uint32)
     row = bits.view(np.float32)            # one token's K or V, all heads
     heads = row.reshape((kvh, hd))
@@ -1792,48 +1797,49 @@ def _paged_attention(kv, tables, lens, rowinfo, bt, layers, layer, kvh, q, batch
         r = rows[i]
         L = lens[r]
         nq = qlens[i]
-        if nq == 0:
-            continue
         first = L - nq                     # position of the first query
         qi = q[qs:qs + nq]                 # (slices made once per row: the
         oi = out[qs:qs + nq]               # inner loops index by loop counters)
-        nb = (L + bt - 1) // bt
-        for c in range(nb):                # scores, block by block
-            at = ((tables[r, c] * layers + layer) * 2) * plane - c * plane
-            for t in range(c * bt, min(L, c * bt + bt)):
-                _to_f32(kv, at + t * e, e, bits, row)
-                for j in range(max(t - first, 0), nq):
-                    for h in range(qh):
-                        g = h // group
-                        s = np.float32(0.0)
-                        for d in range(hd):
-                            s += qi[j, h, d] * heads[g, d]
-                        p[j, h, t] = s * sc
-        for j in range(nq):                # softmax over positions 0..first+j
-            last = first + j
-            for h in range(qh):
-                pr = p[j, h]
-                m = pr[0]
-                for t in range(1, last + 1):
-                    m = max(m, pr[t])
-                z = np.float32(0.0)
-                for t in range(last + 1):
-                    w = np.exp(pr[t] - m)
-                    pr[t] = w
-                    z += w
-                zinv = np.float32(1.0) / z
-                for t in range(last + 1):
-                    pr[t] *= zinv
-        for c in range(nb):                # weighted values
-            at = ((tables[r, c] * layers + layer) * 2 + 1) * plane - c * plane
-            for t in range(c * bt, min(L, c * bt + bt)):
-                _to_f32(kv, at + t * e, e, bits, row)
-                for j in range(max(t - first, 0), nq):
-                    for h in range(qh):
-                        g = h // group
-                        w = p[j, h, t]
-                        for d in range(hd):
-                            oi[j, h, d] += w * heads[g, d]
+        for j0 in range(0, nq, chunk):
+            j1 = min(nq, j0 + chunk)       # queries j0..j1-1 see positions
+            end = first + j1               # 0..end-1
+            nb = (end + bt - 1) // bt
+            for c in range(nb):            # scores, block by block
+                at = ((tables[r, c] * layers + layer) * 2) * plane - c * plane
+                for t in range(c * bt, min(end, c * bt + bt)):
+                    _to_f32(kv, at + t * e, e, bits, row)
+                    for j in range(max(t - first, j0), j1):
+                        for h in range(qh):
+                            g = h // group
+                            s = np.float32(0.0)
+                            for d in range(hd):
+                                s += qi[j, h, d] * heads[g, d]
+                            p[j - j0, h, t] = s * sc
+            for j in range(j0, j1):        # softmax over positions 0..first+j
+                last = first + j
+                for h in range(qh):
+                    pr = p[j - j0, h]
+                    m = pr[0]
+                    for t in range(1, last + 1):
+                        m = max(m, pr[t])
+                    z = np.float32(0.0)
+                    for t in range(last + 1):
+                        w = np.exp(pr[t] - m)
+                        pr[t] = w
+                        z += w
+                    zinv = np.float32(1.0) / z
+                    for t in range(last + 1):
+                        pr[t] *= zinv
+            for c in range(nb):            # weighted values
+                at = ((tables[r, c] * layers + layer) * 2 + 1) * plane - c * plane
+                for t in range(c * bt, min(end, c * bt + bt)):
+                    _to_f32(kv, at + t * e, e, bits, row)
+                    for j in range(max(t - first, j0), j1):
+                        for h in range(qh):
+                            g = h // group
+                            w = p[j - j0, h, t]
+                            for d in range(hd):
+                                oi[j, h, d] += w * heads[g, d]
         qs += nq
     return OK, out
 
@@ -3281,6 +3287,16 @@ class KVCacheManager:
 
 # -- the paged cache -----------------------------------------------------------
 
+class _FreeRow:
+    """The owner of a free row in ``PagedKVCache._seq_of`` (not None: any
+    hashable, None too, may be a sequence id)."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return "<free row>"
+
+
+_FREE_ROW = _FreeRow()
 _PAGED_FNS = {}       # element dtype -> {kernel name -> entry point}, shared by
                       # all caches of that dtype (their kernels' arguments
                       # have one type each)
@@ -3399,11 +3415,12 @@ class PagedKVCache:
         self._rowinfo = np.zeros((0, 3), np.int64)        # R_GEN, R_ADDED, R_MARK
         self._info = np.zeros(_INFO, np.int64)            # status words, preempted
         self._row_of = {}                                 # seq -> row
-        self._seq_of = []                                 # row -> seq or None
+        self._seq_of = []                                 # row -> seq or _FREE_ROW
         self._free_rows = []                              # a heap of the free rows
         self._grow_rows()
         self._stamp = 0                                   # add order
         self._epoch = 0             # bumped by every change of rows or lengths
+        self._scores = _SCORES      # attention's score scratch, in floats
         self._preemptions = 0
         self._listeners = [] if on_evict is None else [on_evict]
         self._fn = _PAGED_FNS.setdefault(self._bits_dtype.str, {})  # name -> entry
@@ -3428,7 +3445,7 @@ class PagedKVCache:
         rowinfo[:old] = self._rowinfo
         self._tables, self._lens, self._rowinfo = tables, lens, rowinfo
         self._info = np.zeros(_INFO + 3 * new, np.int64)
-        self._seq_of.extend([None] * (new - old))
+        self._seq_of.extend([_FREE_ROW] * (new - old))
         self._free_rows.extend(range(old, new))       # (above all: still a heap)
 
     def _grow_columns(self, needed):
@@ -3538,7 +3555,7 @@ class PagedKVCache:
         self._epoch += 1
         for r, length, freed in triples:
             seq = self._seq_of[r]
-            self._seq_of[r] = None
+            self._seq_of[r] = _FREE_ROW
             del self._row_of[seq]
             heapq.heappush(self._free_rows, r)
             if self._listeners:
@@ -3755,7 +3772,9 @@ class PagedKVCache:
         """Put ``seqs`` in rows 0..B-1 of the block table, in this order, and
         return a ``SeqRows`` handle for them: calls given it skip the id
         lookups, and ``block_table`` returns views. Rows move by swapping
-        (handles of moved sequences go stale). One compiled call, O(B)."""
+        (handles of moved sequences go stale). One compiled call, O(B), and
+        O(rows) when a sequence moves into a free row (the free rows are
+        listed afresh)."""
         ids = list(seqs)
         rows = self._rows(ids)[0][BATCH_ROW]
         if len(set(rows.tolist())) != len(ids):
@@ -3773,13 +3792,13 @@ class PagedKVCache:
                 t = seq_of[i]
                 seq_of[i], seq_of[r] = s, t
                 row_of[s] = i
-                if t is None:
+                if t is _FREE_ROW:
                     moved_free = True
                 else:
                     row_of[t] = r
                 pairs.append((i, r))
         if moved_free:                  # (a sorted list is a heap)
-            self._free_rows = [r for r, t in enumerate(seq_of) if t is None]
+            self._free_rows = [r for r, t in enumerate(seq_of) if t is _FREE_ROW]
         self._epoch += 1
         if pairs:
             self._kernel("swap", _paged_swap, (self._tables, self._lens, self._rowinfo,
@@ -3947,7 +3966,7 @@ class PagedKVCache:
         fn = self._fn.get("attention")
         args = (self._bits, self._tables, self._lens, self._rowinfo,
                 self.block_tokens, self.layers, layer, self.kv_heads, q, batch,
-                qlens, float(scale), self._info)
+                qlens, float(scale), self._scores, self._info)
         status, out = fn(*args) if fn is not None else self._kernel(
             "attention", _paged_attention, args)
         if status == _S_BAD_QLEN:
@@ -4191,7 +4210,7 @@ def _audit_paged(c):
             _fail(f"row {r} names {c._seq_of[r]!r}, not its sequence {seq!r}")
     blank = np.flatnonzero(lens < 0).tolist()
     free = c._free_rows
-    if sorted(free) != blank or any(c._seq_of[r] is not None for r in blank):
+    if sorted(free) != blank or any(c._seq_of[r] is not _FREE_ROW for r in blank):
         _fail(f"free rows {sorted(free)[:8]} != blank rows {blank[:8]}")
     if any(free[(k - 1) // 2] > free[k] for k in range(1, len(free))):
         _fail(f"the free rows {free[:8]} are not a heap")

@@ -3891,6 +3891,7 @@ TestPagedMachine.settings = settings(
 def test_paged_attention_matches_numpy(seed, dtype, kvh, group, hd, bt):
     rng = np.random.default_rng(seed)
     c = PagedKVCache(64, bt, layers=2, kv_heads=kvh, head_dim=hd, dtype=dtype)
+    c._scores = [1 << 22, 1, 40][seed % 3]      # the score scratch: queries in turns
     lengths = rng.integers(1, 12, rng.integers(1, 5)).tolist()   # includes 1-token sequences
     for i, n in enumerate(lengths):
         covered = c.add(i, rng.integers(0, 100, n))   # a prefix hit is shared:
@@ -4014,6 +4015,10 @@ def test_paged_rows_handle_gives_live_views():
         c.block_table(h)
     assert c.block_table(h2)[1].tolist() == [1, 5]
     c.check_invariants()
+    c.append(h2, [0, 0])                             # its width is remembered
+    c.remove(3)                                      # until a member goes
+    with pytest.raises(KeyError):
+        c.block_table(h2)
 
 
 @settings(max_examples=60, deadline=None)
@@ -4161,6 +4166,39 @@ def test_paged_a_refused_call_does_not_grow_the_table():
     c.append(h, list(range(8)))              # (room in every last block)
     assert lens.tolist() == [2] * 8
     assert np.shares_memory(table, c.block_table(h)[0]) and table.shape == (8, 1)
+    c.check_invariants()
+
+
+@pytest.mark.parametrize("preempt", ["none", "newest"])
+def test_paged_a_refused_append_does_not_grow_the_table(preempt):
+    c = paged_cache(num_blocks=10, block_tokens=1, preempt=preempt)
+    c.add("a", list(range(8)))               # its next token needs a 9th column
+    c.add("b", [1])
+    h = c.rows(["a", "b"])
+    before = snapshot(c)
+    with pytest.raises(ValueError, match="non-negative"):
+        c.append(h, [1, -1])                 # grows the columns, then refuses
+    assert_unchanged(c, before)
+    if preempt == "none":
+        c.add("c", [5])                      # the last free block
+        before = snapshot(c)
+        with pytest.raises(PoolExhaustedError):
+            c.append(["a", "b"], [1, 2])     # grows the columns, then short
+        assert_unchanged(c, before)
+    c.check_invariants()
+
+
+def test_paged_none_is_a_sequence_id_like_any_other():
+    c = paged_cache(num_blocks=20, block_tokens=2)
+    c.add("a", [1, 2, 3])
+    c.add(None, [4, 5, 6])
+    c.add("b", [7])
+    c.remove("a")
+    c.rows(["b"])                            # "b" moves into a free row
+    c.check_invariants()
+    c.add("c", [9])                          # takes a free row, not None's
+    assert c.length(None) == 3 and c.length("c") == 1
+    assert c.rows([None, "c"]).seqs == (None, "c")
     c.check_invariants()
 
 
