@@ -3927,7 +3927,6 @@ def test_paged_float16_is_stored_converted_not_reinterpreted():
     assert np.array_equal(g[1][0], (-k).astype(np.float16))
 
 
-
 def test_paged_float16_bits_convert_exactly_in_compiled_code():
     """Attention reads float16 K/V through ``_to_f32``: every one of the
     65,536 bit patterns (subnormals, infinities, signed zeros) converts as
