@@ -3658,26 +3658,20 @@ class PagedKVCache:
         tokens and K/V, by reference); whichever appends first to a shared
         last block copies it. Raises ``KeyError`` for an unknown parent or a
         live child. One compiled call, O(blocks)."""
-        row_of = self._row_of                  # the steps of _row, _new_row
-        try:                                   # and _bind, inlined: a fork
-            src = row_of[parent]               # is a handful of dict and heap
-            live = child in row_of             # operations and one call
+        row_of = self._row_of                  # (_row's lookup, inlined: it
+        try:                                   # checks the child as well)
+            src = row_of[parent]
+            live = child in row_of
         except (KeyError, TypeError):
             self._row(parent)                  # raises, naming the parent
             raise TypeError(f"sequence id {child!r} is not hashable") from None
         if live:
             raise KeyError(f"sequence {child!r} is already in the cache")
         dst = self._new_row()
-        fn = self._fn.get("fork")
-        if fn is None:
-            fn = self._fn["fork"] = _compiled(_paged_fork, *(numba.typeof(a) for a in (
-                self._tables, self._lens, self._rowinfo, self._px, 1, 1, 1, 1)))
-        fn(self._tables, self._lens, self._rowinfo, self._px, self.block_tokens, src, dst,
-           self._stamp)
-        heapq.heappop(self._free_rows)
-        row_of[child] = dst
-        self._seq_of[dst] = child
-        self._stamp += 1
+        self._kernel("fork", _paged_fork, (self._tables, self._lens, self._rowinfo,
+                                          self._px, self.block_tokens, src, dst,
+                                          self._stamp))
+        self._bind(child, dst)
         self._epoch += 1
 
     def reset_prefix_cache(self):
@@ -3710,21 +3704,17 @@ class PagedKVCache:
             raise ValueError(f"tokens has {tokens.shape[0]} values for "
                              f"{batch.shape[1]} sequences")
         fn = self._fn.get("append")
-        if fn is None:
-            fn = self._fn["append"] = _compiled(_paged_append, *(numba.typeof(a) for a in (
-                self._tables, self._lens, self._fill, self._tok, self._rowinfo,
-                self._meta, self._px, self._arena, 1, batch, tokens, 1, self._info)))
         info = self._info
-        status = fn(self._tables, self._lens, self._fill, self._tok, self._rowinfo,
-                    self._meta, self._px, self._arena, self.block_tokens, batch, tokens,
-                    self._preempt_flag, info)
+        args = (self._tables, self._lens, self._fill, self._tok, self._rowinfo, self._meta,
+                self._px, self._arena, self.block_tokens, batch, tokens,
+                self._preempt_flag, info)
+        status = fn(*args) if fn is not None else self._kernel("append", _paged_append, args)
         if status == _S_GROW:
             kept = self._arrays()
             while status == _S_GROW:
                 self._grow_columns(int(info[0]))
-                status = fn(self._tables, self._lens, self._fill, self._tok,
-                            self._rowinfo, self._meta, self._px, self._arena,
-                            self.block_tokens, batch, tokens, self._preempt_flag, info)
+                args = (self._tables,) + args[1:]
+                status = self._kernel("append", _paged_append, args)
             if status != OK:
                 self._restore(kept)
         if status != OK:
@@ -3919,12 +3909,8 @@ class PagedKVCache:
             if seqs._epoch == self._epoch:     # nothing changed since its
                 width = seqs._width            # append (or last call here)
             else:
-                fn = self._fn.get("width")
-                if fn is None:
-                    fn = self._fn["width"] = _compiled(_paged_width, *(
-                        numba.typeof(a) for a in (self._lens, self._rowinfo, 1, batch,
-                                                  self._info)))
-                width = fn(self._lens, self._rowinfo, self.block_tokens, batch, self._info)
+                width = self._kernel("width", _paged_width, (
+                    self._lens, self._rowinfo, self.block_tokens, batch, self._info))
                 if width < 0:
                     self._raise(width, seqs.seqs)
                 seqs._width, seqs._epoch = width, self._epoch
