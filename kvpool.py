@@ -574,6 +574,25 @@ def _copy_bytes(dst, dst_at, src, src_at, n):
 
 
 @njit(cache=True)
+def _copy_span(link, bs, head, offset, dst, src, total, to_arena):
+    """Copy ``total`` bytes between the chain at ``head`` (from byte
+    ``offset``) and a buffer, run by run: into the chain when ``to_arena``
+    (``dst`` is the arena, ``src`` the buffer), else out of it. Only ``dst``
+    is written, so a read-only buffer can be the source."""
+    b = _seek(link, bs, head, offset)
+    within = offset % bs
+    done = 0
+    while done < total:
+        start, length, b = _run(link, bs, b, within, total - done)
+        if to_arena:
+            _copy_bytes(dst, start, src, done, length)
+        else:
+            _copy_bytes(dst, done, src, start, length)
+        done += length
+        within = 0
+
+
+@njit(cache=True)
 def _write_chain(arena, meta, head, n, offset, data):
     """Copy ``data`` (``uint8``, read-only or not) into the chain from byte
     ``offset``; ``OK`` or an ``ERR_*`` code, writing nothing. A ``data``
@@ -584,15 +603,8 @@ def _write_chain(arena, meta, head, n, offset, data):
         return status
     if _overlaps(arena, data):
         data = data.copy()
-    link, bs = _link_of(state, meta), meta[C_BLOCK_SIZE]
-    b = _seek(link, bs, head, offset)
-    within = offset % bs
-    done = 0
-    while done < data.shape[0]:
-        start, length, b = _run(link, bs, b, within, data.shape[0] - done)
-        _copy_bytes(arena, start, data, done, length)
-        done += length
-        within = 0
+    _copy_span(_link_of(state, meta), meta[C_BLOCK_SIZE], head, offset, arena, data,
+               data.shape[0], True)
     return OK
 
 
@@ -606,15 +618,8 @@ def _read_chain(arena, meta, head, n, offset, out):
     if status != OK:
         return status
     into = np.empty(out.shape[0], np.uint8) if _overlaps(arena, out) else out
-    link, bs = _link_of(state, meta), meta[C_BLOCK_SIZE]
-    b = _seek(link, bs, head, offset)
-    within = offset % bs
-    done = 0
-    while done < out.shape[0]:
-        start, length, b = _run(link, bs, b, within, out.shape[0] - done)
-        _copy_bytes(into, done, arena, start, length)
-        done += length
-        within = 0
+    _copy_span(_link_of(state, meta), meta[C_BLOCK_SIZE], head, offset, into, arena,
+               out.shape[0], False)
     if into is not out:
         _copy_bytes(out, 0, into, 0, out.shape[0])
     return OK
